@@ -79,3 +79,45 @@ def run_together(commands, envs, logs, timeout):
                 p.kill()
             p.wait(timeout=30)
     return [(p.returncode, open(log).read()) for p, log in zip(procs, logs)]
+
+
+# -- a run folder without training (serving, export, TFLite) ------------------------------
+
+LABELS = ["neg", "pos", "meh"]
+EDGE_TEXTS = ["", "   ", "a", "ünïcödé ½ ﬁne　ｆｕｌｌ", "x" * 150, "é" * 120 + " ok", "日本語のテキスト 🎬🍿",
+              "tab\tand\nnewline\x00nul\x07bell", "word " * 3000]
+_RUNS = {}
+
+
+def random_run(tiny_model, root: Path, saved_model=True) -> Path:
+    """A run folder with the tiny encoder and a random, scaled-up head (built in seconds, no training).
+
+    The head is scaled so that probabilities differ from text to text by ~1e-2, which makes a 1e-5
+    comparison of predictions meaningful (a 1-epoch tiny fine-tune predicts nearly the same for all).
+    Cached per process (the serving and TFLite tests share it).
+    """
+    key = (str(root), saved_model)
+    if key in _RUNS:
+        return _RUNS[key]
+    import numpy as np
+
+    import bertfit
+    from bertfit.classifier import Classifier
+    from bertfit.config import DataConfig, TrainConfig
+    from bertfit.export import export_saved_model
+    from bertfit.modeling import BertClassifier, dummy_inputs
+
+    pre = bertfit.load_pretrained(tiny_model)
+    model = BertClassifier(pre.encoder, len(LABELS))
+    model(dummy_inputs())
+    rng = np.random.default_rng(0)
+    model.set_head_weights(rng.normal(0, 20, (pre.config.hidden_size, len(LABELS))).astype("float32"),
+                           np.zeros(len(LABELS), "float32"))
+    clf = Classifier(model, pre.tokenizer, LABELS, train_config=TrainConfig(max_length=32),
+                     data_config=DataConfig(text_column="a"))
+    run = root / "tiny-run"
+    clf.save(run)
+    if saved_model:
+        export_saved_model(clf, run / "saved_model")
+    _RUNS[key] = run
+    return run

@@ -63,6 +63,39 @@ def test_dropout_only_in_training():
     assert not np.allclose(encoder(inputs, training=True)["pooled_output"], encoder(inputs)["pooled_output"])
 
 
+def test_hand_written_gradients_match_autodiff():
+    """Training's LayerNorm and GELU gradients (custom on TF) equal TF's autodiff of the plain formulas."""
+    import math
+
+    import tensorflow as tf
+
+    from bertfit.modeling import LayerNorm, gelu
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(0.3, 2.0, (3, 5, 16)), tf.float32)
+    weights = tf.constant(rng.normal(size=(3, 5, 16)), tf.float32)  # a loss that weighs every output
+    norm = LayerNorm(epsilon=1e-12)
+    norm.build((None, None, 16))
+    norm.gamma.assign(rng.normal(1.0, 0.5, 16))
+    norm.beta.assign(rng.normal(0.0, 0.5, 16))
+
+    def plain_norm(x):
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(var + 1e-12) * norm.gamma.value + norm.beta.value
+
+    cases = [(lambda x: norm(x, training=True), plain_norm, [norm.gamma.value, norm.beta.value]),
+             (lambda x: gelu(x, training=True), lambda x: 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0))), [])]
+    for custom, plain, variables in cases:
+        results = []
+        for fn in (custom, plain):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.sin(fn(x)) * weights)
+            results.append([fn(x), *tape.gradient(loss, [x, *variables])])
+        for got, want in zip(*results):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=2e-5)
+
+
 def test_classifier_head():
     model = BertClassifier(build_encoder(TINY), num_labels=3)
     logits = model(batch(np.ones((4, 6)), [6, 5, 4, 3]))

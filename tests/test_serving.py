@@ -19,48 +19,11 @@ import numpy as np
 import pytest
 
 import bertfit
-from conftest import sentiment_rows
+from conftest import EDGE_TEXTS, LABELS, random_run, sentiment_rows
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-
-LABELS = ["neg", "pos", "meh"]
-EDGE_TEXTS = ["", "   ", "a", "ünïcödé ½ ﬁne　ｆｕｌｌ", "x" * 150, "é" * 120 + " ok", "日本語のテキスト 🎬🍿",
-              "tab\tand\nnewline\x00nul\x07bell", "word " * 3000]
-_RUNS = {}
-
-
-def random_run(tiny_model, root: Path, saved_model=True) -> Path:
-    """A run folder with the tiny encoder and a random, scaled-up head (built in seconds, no training).
-
-    The head is scaled so that probabilities differ from text to text by ~1e-2, which makes a 1e-5
-    comparison of predictions meaningful (a 1-epoch tiny fine-tune predicts nearly the same for all).
-    Cached per process: test_tflite.py uses it too.
-    """
-    key = (str(root), saved_model)
-    if key in _RUNS:
-        return _RUNS[key]
-    from bertfit.classifier import Classifier
-    from bertfit.config import DataConfig, TrainConfig
-    from bertfit.export import export_saved_model
-    from bertfit.modeling import BertClassifier, dummy_inputs
-
-    pre = bertfit.load_pretrained(tiny_model)
-    model = BertClassifier(pre.encoder, len(LABELS))
-    model(dummy_inputs())
-    rng = np.random.default_rng(0)
-    model.set_head_weights(rng.normal(0, 20, (pre.config.hidden_size, len(LABELS))).astype("float32"),
-                           np.zeros(len(LABELS), "float32"))
-    clf = Classifier(model, pre.tokenizer, LABELS, train_config=TrainConfig(max_length=32),
-                     data_config=DataConfig(text_column="a"))
-    run = root / "tiny-run"
-    clf.save(run)
-    if saved_model:
-        export_saved_model(clf, run / "saved_model")
-    _RUNS[key] = run
-    return run
-
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model, tmp_path_factory):

@@ -11,7 +11,7 @@ import bertfit
 from bertfit.errors import BertfitError
 from bertfit.export import TFTEXT_TFLITE_OPS, TFLiteModule, export, tflite_custom_ops, tflite_interpreter
 from conftest import SHARED
-from test_serving import EDGE_TEXTS, LABELS, random_run
+from conftest import EDGE_TEXTS, LABELS, random_run
 
 TEXTS = ["a great film", "an awful plot, truly dreadful", *EDGE_TEXTS]
 

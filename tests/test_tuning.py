@@ -146,13 +146,17 @@ def test_a_failed_trial_does_not_end_the_study(tiny_model, files, tmp_path, monk
     (["--config", "{bounds}"], "search_space.dropout: the value 1.5 is not a valid dropout"),
     (["--config", "{unknown}"], "search_space.colour: not a tunable option"),
     (["--strategy", "multi-worker"], "start `bertfit tune` on each machine"),
+    (["--config", "{start}"], "start_points[0].learning_rate: 5.0 is outside [1e-05, 0.0003]"),
+    (["--config", "{start_key}"], "start_points[0].colour: not in the search space"),
 ])
 def test_bad_input_exits_2(tiny_model, files, tmp_path, capsys, args, message):
     train, dev, _ = files
     configs = {"{empty}": "search_space: {}\n",
                "{invalid}": "search_space:\n  learning_rate: {type: gaussian, low: 0, high: 1}\n",
                "{bounds}": "search_space:\n  dropout: {type: float, low: 0.0, high: 1.5}\n",
-               "{unknown}": "search_space:\n  colour: {type: categorical, choices: [red]}\n"}
+               "{unknown}": "search_space:\n  colour: {type: categorical, choices: [red]}\n",
+               "{start}": "start_points:\n  - {learning_rate: 5.0}\n",
+               "{start_key}": "start_points:\n  - {colour: red}\n"}
     args = list(args)
     for i, a in enumerate(args):
         if a in configs:
@@ -165,6 +169,16 @@ def test_bad_input_exits_2(tiny_model, files, tmp_path, capsys, args, message):
     assert "bertfit: error:" in err and message in err, err
     assert "s3cret" not in err
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_start_points_are_tried_first(tiny_model, files, tmp_path):
+    from bertfit.tuning import tune
+
+    train, dev, space = files
+    points = [{"learning_rate": 4e-3, "batch_size": 16}, {"learning_rate": 2e-2, "batch_size": 32}]
+    tune(train, dev, trials=2, out=tmp_path / "out", config_file=space, start_points=points, model=tiny_model,
+         log=lambda m: None, **FAST)
+    assert [t["params"] for t in _trials(tmp_path / "out")] == points
 
 
 def test_out_must_not_hold_something_else(tiny_model, files, tmp_path, capsys):

