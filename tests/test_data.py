@@ -417,3 +417,24 @@ def test_unknown_format(tmp_path):
     error(["data.txt", "cannot tell the format", "--format", "csv, tsv, jsonl"], path)
     error(["unknown format 'xls'", "--format"], path, format="xls")
     error(["is a folder", "--format csv"], tmp_path, format="csv")
+
+
+def test_batch_plans_cover_every_row_once_with_little_padding():
+    from bertfit.features import batch_plan
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 513, 1000)
+    train = batch_plan(lengths, 32, shuffle=True, seed=1, epoch=0)
+    assert sorted(np.concatenate(train).tolist()) == list(range(1000)) and max(map(len, train)) == 32
+    assert [b.tolist() for b in train] == [b.tolist() for b in batch_plan(lengths, 32, shuffle=True, seed=1, epoch=0)]
+    assert [b.tolist() for b in train] != [b.tolist() for b in batch_plan(lengths, 32, shuffle=True, seed=1, epoch=1)]
+    padded = sum(len(b) * lengths[b].max() for b in train)
+    assert padded < 1.1 * lengths.sum()  # length-grouped: padding stays small (unsorted: ~1.9x)
+
+    # Inference: longest first; with a score budget, batches of long rows shrink (rows x length^2).
+    budget = 2 * 512 ** 2
+    infer = batch_plan(lengths, 32, shuffle=False, max_scores=budget)
+    assert sorted(np.concatenate(infer).tolist()) == list(range(1000))
+    assert all(len(b) == 1 or len(b) * lengths[b].max() ** 2 <= budget for b in infer)
+    assert len(infer[0]) == 2 and max(map(len, infer)) == 32
+    assert [len(b) for b in batch_plan(lengths, 32, shuffle=False)][:-1] == [32] * 31

@@ -73,6 +73,21 @@ class Classifier:
             self._forward = forward
         return self._forward
 
+    def _score_budget(self) -> int | None:
+        """Rows x length^2 per inference batch on a CPU: None (no limit) where a GPU is used.
+
+        A CPU's attention over long rows is bound by memory traffic: each layer writes and re-reads
+        a [rows, heads, length, length] float32 score tensor. Kept near 16 MB (a typical L3 cache),
+        the softmax runs from cache: at length 512, batches of 1 instead of 32 give 1.5x the
+        examples/s on the 2-core machine this was measured on (bench/RESULTS.md), at length 256
+        about 1.4x; at 128 and below batches stay whole.
+        """
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            return None
+        return (16 << 20) // (4 * self.encoder_config.num_heads)
+
     def encode(self, texts, pairs=None) -> feats.Features:
         c = self.train_config
         return feats.encode(self.tokenizer, texts, pairs, max_length=c.max_length, truncation=c.truncation,
@@ -82,7 +97,9 @@ class Classifier:
         """Probabilities per example [N, labels], batched by length so that padding stays small."""
         forward = self.forward_fn()
         out = np.zeros((len(features), len(self.labels)), "float32")
-        for rows in feats.batch_plan(features.lengths, batch_size or self.train_config.eval_batch_size, shuffle=False):
+        plan = feats.batch_plan(features.lengths, batch_size or self.train_config.eval_batch_size, shuffle=False,
+                                max_scores=self._score_budget())
+        for rows in plan:
             b = feats.pad_batch(features, rows, self.tokenizer.pad_id)
             out[rows] = forward(b["token_ids"], b["segment_ids"], b["padding_mask"]).numpy()
         return feats.per_example(out, features)

@@ -81,17 +81,25 @@ def _windows(tokenizer, texts, max_length, stride) -> Features:
 
 
 def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-               group: int = 50) -> list[np.ndarray]:
+               group: int = 50, max_scores: int | None = None) -> list[np.ndarray]:
     """Row indices of each batch.
 
     Training (shuffle=True): a seeded shuffle, then rows sorted by length inside groups of
     `group` batches, then the batch order shuffled: batches hold rows of similar length (little
-    padding) while every epoch still sees a different mix. Inference: sorted by length.
+    padding) while every epoch still sees a different mix. Inference: sorted by length, and with
+    `max_scores`, batches of long rows shrink so that rows x length^2 stays within it.
     """
     n = len(lengths)
     if not shuffle:
         order = np.argsort(-lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        if not max_scores:
+            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        batches, i = [], 0
+        while i < n:  # longest first: each batch as large as the score budget allows
+            rows = max(1, min(batch_size, max_scores // max(1, int(lengths[order[i]]) ** 2)))
+            batches.append(order[i:i + rows])
+            i += rows
+        return batches
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     span = batch_size * group
