@@ -8,8 +8,8 @@
 `f1_positive` (F1 of class "1", the paraphrases: GLUE's MRPC F1), then its final run. The study
 starts with START_POINTS: first the default recipe (lr 5e-5, batch 32, 3 epochs, warmup 0.1,
 weight decay 0.01, dropout 0.1), so trial 0 *is* the default run (same split, seed and epoch
-choice), then two settings that suit small encoders (higher learning rates, more epochs); TPE
-takes over after them.
+choice), then settings that suit small encoders (higher learning rates, more epochs); TPE takes
+over after them. Points added to START_POINTS later are tried first when the study continues.
 
 The tuned number is chosen on dev, so it is optimistic as an estimate of unseen data (no test
 labels are used here). Prints a table and writes OUT/bench.json (default runs/tune-mrpc); the study
@@ -35,7 +35,10 @@ DEFAULT_RECIPE = {"learning_rate": 5e-5, "batch_size": 32, "epochs": 3, "warmup_
                   "dropout": 0.1}
 START_POINTS = [DEFAULT_RECIPE,
                 {**DEFAULT_RECIPE, "learning_rate": 1e-4, "epochs": 4},
-                {**DEFAULT_RECIPE, "learning_rate": 8e-5, "batch_size": 16, "epochs": 4}]
+                {**DEFAULT_RECIPE, "learning_rate": 8e-5, "batch_size": 16, "epochs": 4},
+                # Added in a later session: the default's F1 still rose at its last epoch (0.820, 0.860, 0.871).
+                {**DEFAULT_RECIPE, "epochs": 5},
+                {**DEFAULT_RECIPE, "learning_rate": 3e-5, "batch_size": 16, "epochs": 5}]
 
 
 def machine() -> str:

@@ -46,7 +46,7 @@ def trained(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
     train = write_tsv(d / "train.tsv", ["text", "label"], sentiment_rows(200, seed=9))
     clf = bertfit.fine_tune(train, model=tiny_model, out=d / "run", epochs=1, batch_size=16, learning_rate=1e-2,
-                            max_length=32, log=lambda m: None)
+                            max_length=32, pooling="mean", log=lambda m: None)
     return clf, d / "run"
 
 
@@ -56,6 +56,9 @@ def test_train_writes_a_saved_model_that_runs_without_bertfit(trained, tmp_path)
     got = run_without_bertfit(run / "saved_model", {"text": TEXTS}, tmp_path)
     np.testing.assert_allclose(np.array(got["probabilities"]), clf.predict_proba(TEXTS), atol=1e-5)
     assert got["label"] == [p["label"] for p in clf.predict(TEXTS)]
+    # The run was trained with mean pooling: reloading the folder must keep it.
+    assert bertfit.load(run).model.pooling == "mean"
+    np.testing.assert_allclose(bertfit.load(run).predict_proba(TEXTS), clf.predict_proba(TEXTS), atol=1e-6)
 
 
 def test_pair_model_signature(tiny_model, tmp_path):

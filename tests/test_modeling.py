@@ -104,6 +104,24 @@ def test_classifier_head():
         model.set_head_weights(np.zeros((32, 2), "float32"), np.zeros(2, "float32"))
 
 
+def test_mean_pooling_head_ignores_padding():
+    encoder = build_encoder(TINY)
+    model = BertClassifier(encoder, num_labels=3, pooling="mean")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 100, (2, 6))
+    short = batch(ids, [6, 2])
+    padded = batch(np.concatenate([ids, rng.integers(1, 100, (2, 5))], axis=1), [6, 2])
+    logits = np.asarray(model(padded))
+    np.testing.assert_allclose(logits, np.asarray(model(short)), atol=1e-5)
+    # The head sees the mean of the real positions' vectors, not [CLS]'s pooler output.
+    seq = np.asarray(encoder(short)["sequence_output"])
+    means = np.stack([seq[0, :6].mean(0), seq[1, :2].mean(0)])
+    want = means @ np.asarray(model.classifier.kernel) + np.asarray(model.classifier.bias)
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        BertClassifier(encoder, num_labels=3, pooling="max")
+
+
 def test_mixed_precision_bf16_runs_and_stays_close():
     import keras
 

@@ -179,6 +179,11 @@ def test_start_points_are_tried_first(tiny_model, files, tmp_path):
     tune(train, dev, trials=2, out=tmp_path / "out", config_file=space, start_points=points, model=tiny_model,
          log=lambda m: None, **FAST)
     assert [t["params"] for t in _trials(tmp_path / "out")] == points
+    # Resumed with one more point: only the new one is enqueued, and it runs next.
+    more = points + [{"learning_rate": 1e-2, "batch_size": 16}]
+    tune(train, dev, trials=1, out=tmp_path / "out", config_file=space, start_points=more, model=tiny_model,
+         log=lambda m: None, **FAST)
+    assert [t["params"] for t in _trials(tmp_path / "out")] == more
 
 
 def test_out_must_not_hold_something_else(tiny_model, files, tmp_path, capsys):

@@ -197,7 +197,7 @@ def load(run_dir) -> Classifier:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     pretrained = load_pretrained(str(run_dir))
     labels = config["labels"]
-    model = BertClassifier(pretrained.encoder, len(labels))
+    model = BertClassifier(pretrained.encoder, len(labels), pooling=config.get("train", {}).get("pooling", "cls"))
     model(_dummy())
     head = pretrained.head
     model.set_head_weights(np.asarray(head["kernel"]), np.asarray(head["bias"]))

@@ -46,6 +46,8 @@ TRAIN_HELP = {
     "max_grad_norm": "clip gradients to this global norm (0 = off)",
     "adam_epsilon": "AdamW epsilon",
     "dropout": "dropout rate in the encoder and before the classifier",
+    "pooling": "cls: BERT's pooler on [CLS]; mean: the mean of the token vectors (how sentence-transformers "
+               "models such as the default MiniLM were trained)",
     "gradient_accumulation": "batches whose gradients are summed before one update",
     "class_weight": "balanced: weight the loss by inverse class frequency",
     "layerwise_lr_decay": "multiply each lower layer's learning rate by this (1 = off; 0.9 is common)",

@@ -138,6 +138,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     adam_epsilon: float = 1e-6
     dropout: float = 0.1
+    pooling: str = "cls"                     # cls (BERT's pooler on [CLS]) | mean (of the token vectors)
     gradient_accumulation: int = 1
     class_weight: str | None = None          # None|balanced
     layerwise_lr_decay: float = 1.0          # 1.0 = off; e.g. 0.9 scales each lower layer's lr by 0.9
@@ -168,6 +169,7 @@ class TrainConfig:
             (self.strategy in ("auto", "one-device", "mirrored", "multi-worker", "tpu"),
              "strategy must be auto, one-device, mirrored, multi-worker or tpu"),
             (self.long_text in ("truncate", "window"), "long_text must be truncate or window"),
+            (self.pooling in ("cls", "mean"), "pooling must be cls or mean"),
         ]
         for ok, message in checks:
             if not ok:

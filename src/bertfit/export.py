@@ -13,19 +13,24 @@ from pathlib import Path
 import tensorflow as tf
 
 
+def _attach_classifier(module: tf.Module, clf):
+    """What both exports carry: the Keras model, label names, thresholds and truncation settings."""
+    module.model = clf.model
+    module.label_names = tf.constant(clf.labels)
+    module.multilabel = clf.multilabel
+    thresholds = clf.thresholds if clf.thresholds is not None else [0.5] * len(clf.labels)
+    module.thresholds = tf.constant(thresholds, tf.float32)
+    c = clf.train_config
+    module.max_length, module.truncation, module.head_tokens = c.max_length, c.truncation, c.head_tokens
+
+
 class ServingModule(tf.Module):
     """Tokenizer + classifier + label names, with `serving_default`: text (, text_pair) -> probabilities, label."""
 
     def __init__(self, clf):
         super().__init__(name="bertfit")
         self.tokenizer = clf.tokenizer
-        self.model = clf.model
-        self.label_names = tf.constant(clf.labels)
-        self.multilabel = clf.multilabel
-        thresholds = clf.thresholds if clf.thresholds is not None else [0.5] * len(clf.labels)
-        self.thresholds = tf.constant(thresholds, tf.float32)
-        c = clf.train_config
-        self.max_length, self.truncation, self.head_tokens = c.max_length, c.truncation, c.head_tokens
+        _attach_classifier(self, clf)
 
     def classify(self, text, text_pair=None):
         packed = self.tokenizer(text, text_pair, max_length=self.max_length, truncation=self.truncation,
@@ -125,16 +130,11 @@ class TFLiteModule(tf.Module):
 
         super().__init__(name="bertfit_tflite")
         tok = clf.tokenizer
-        self.model = clf.model
+        _attach_classifier(self, clf)
         self.normalizer, self.wordpiece = tok._normalizer, tok._wordpiece_long
         self.starts_word, self.piece_chars = tok._starts_word, tok._piece_chars
         self.cls_id, self.sep_id, self.pad_id, self.unk_id = tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id
-        self.label_names = tf.constant(clf.labels)
-        self.multilabel = clf.multilabel
-        thresholds = clf.thresholds if clf.thresholds is not None else [0.5] * len(clf.labels)
-        self.thresholds = tf.constant(thresholds, tf.float32)
         c = clf.train_config
-        self.max_length, self.truncation, self.head_tokens = c.max_length, c.truncation, c.head_tokens
         self._check = lambda pair: _check_options(c.max_length, c.truncation, c.head_tokens, pair)
 
     def tokenize(self, texts):

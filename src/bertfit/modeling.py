@@ -338,16 +338,25 @@ def build_encoder(config: EncoderConfig, weights: dict[str, np.ndarray] | None =
 
 
 class BertClassifier(keras.Model):
-    """Encoder + dropout + dense head on the pooled [CLS] output; returns logits [batch, labels].
+    """Encoder + dropout + dense head; returns logits [batch, labels].
 
+    pooling="cls" feeds BERT's pooler output ([CLS] through dense+tanh) to the head, as BERT does;
+    "mean" feeds the mean of the non-padding token vectors, the sentence vector that
+    sentence-transformers checkpoints (the default MiniLM among them) were trained to produce.
     Single-label tasks (binary included: 2 classes) use softmax over the logits; multi-label
     tasks use a sigmoid per label.
     """
 
-    def __init__(self, encoder: BertEncoder, num_labels: int, dropout: float | None = None, **kwargs):
+    def __init__(self, encoder: BertEncoder, num_labels: int, dropout: float | None = None, pooling: str = "cls",
+                 **kwargs):
         super().__init__(**kwargs)
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be cls or mean, not {pooling!r}")
         self.encoder = encoder
         self.num_labels = num_labels
+        self.pooling = pooling
+        if pooling == "mean":
+            encoder.pooler.trainable = False  # unused: kept as loaded, and no "missing gradients" warnings
         rate = encoder.config.hidden_dropout if dropout is None else dropout
         self.dropout = Dropout(rate)
         self.classifier = keras.layers.Dense(
@@ -355,7 +364,13 @@ class BertClassifier(keras.Model):
         self.classifier.build((None, encoder.config.hidden_size))
 
     def call(self, inputs, training=False):
-        pooled = self.encoder(inputs, training=training)["pooled_output"]
+        outputs = self.encoder(inputs, training=training)
+        if self.pooling == "cls":
+            pooled = outputs["pooled_output"]
+        else:
+            x = outputs["sequence_output"]
+            mask = ops.expand_dims(ops.cast(inputs["padding_mask"], x.dtype), -1)
+            pooled = ops.sum(x * mask, axis=1) / ops.maximum(ops.sum(mask, axis=1), 1.0)
         return self.classifier(self.dropout(pooled, training=training))
 
     def set_head_weights(self, kernel: np.ndarray, bias: np.ndarray):

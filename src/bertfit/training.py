@@ -454,7 +454,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         for layer in encoder._flatten_layers():
             if isinstance(layer, keras.layers.Dropout):
                 layer.rate = config.dropout
-        net = BertClassifier(encoder, len(vocab.names), dropout=config.dropout)
+        net = BertClassifier(encoder, len(vocab.names), dropout=config.dropout, pooling=config.pooling)
         net(dummy_inputs())
     if pretrained.config.max_positions < (config.max_length or 0):
         raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")

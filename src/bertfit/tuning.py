@@ -18,7 +18,7 @@ replaced in the YAML config:
       batch_size: {type: categorical, choices: [16, 32]}
       epochs: {type: int, low: 2, high: 4}
     pruner: {type: median, n_startup_trials: 5, n_warmup_steps: 0}   # or hyperband, or none
-    start_points:                      # tried first, in this order, when the study is new
+    start_points:                      # tried first, in this order, unless the study has tried them
       - {learning_rate: 5.0e-5, batch_size: 32, epochs: 3}
 
 Options given explicitly (flags, keyword arguments or YAML keys) are fixed: they leave the
@@ -258,7 +258,7 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
 
     `options` are fine_tune's flat options (DataConfig and TrainConfig names); those given are
     fixed, the rest of the search space is tuned. `start_points` (a list of {option: value}) are
-    tried first when the study is new. Returns the final run's Classifier.
+    tried first, those the study has not tried yet. Returns the final run's Classifier.
     """
     try:
         import optuna
@@ -357,9 +357,10 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
         raise ConfigError(f"study {study_name!r} tunes metric {known}, not {metric}: pass --metric {known} "
                           "or choose another --study")
     n_before = len(the_study.trials)
-    if n_before == 0:
-        for point in first_points:  # a worker starting at the same time may enqueue them too: skipped then
-            the_study.enqueue_trial(point, skip_if_exists=True)
+    # Points the study has already tried (in any state) are skipped, so a resumed study takes
+    # the new ones only; a worker starting at the same time may enqueue them too: skipped then.
+    for point in first_points:
+        the_study.enqueue_trial(point, skip_if_exists=True)
     # Seeded TPE: one process reproduces its trials from --seed. Processes that share a storage
     # mix in their process id, so that workers started together do not try the same points.
     sampler_seed = (base.seed * 1_000_003 + n_before + (os.getpid() << 16 if shared else 0)) % 2**32

@@ -1,0 +1,167 @@
+"""What each CPU speed lever is worth: bertfit's training step and inference with one thing changed.
+
+    .venv/bin/python bench/levers.py                             # training levers, L=128, B=32
+    .venv/bin/python bench/levers.py --seq 32 --repeats 7
+    .venv/bin/python bench/levers.py --inference --seq 512 --batches 32,8,2,1
+
+Training: every variant is MiniLM-L6 (the default model's weights) with bertfit's own training step
+(`Trainer._train_step`: forward, backward, clipping, AdamW, dropout 0.1), built in one process and
+timed in turn, round-robin, so that noise from other work on the machine hits each alike; the table
+gives the median tok/s and the ratio to `bertfit` (the code as it is). Variants:
+
+  bertfit         as shipped
+  keras-adamw     Keras's own AdamW update instead of the fused ResourceApplyAdam kernel
+  autodiff-norm   TF's autodiff of LayerNorm and erf-GELU instead of the hand-written gradients
+  no-dropout      dropout 0 (what dropout costs; not a recipe change we make)
+  xla             the whole step XLA-compiled (`--jit`); one fixed shape, so no retracing cost here
+
+Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
+`--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla")
+
+
+def rows(n, seq, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 29000, (n, seq)).astype("int32")
+    ids[:, 0], ids[:, -1] = 101, 102
+    return ids, np.zeros_like(ids), np.ones_like(ids), rng.integers(0, 2, n).astype("int32")
+
+
+def build_step(variant, batch):
+    """A compiled training step for one variant, traced once (patches apply only while tracing)."""
+    import keras
+    import tensorflow as tf
+
+    import bertfit
+    from bertfit import modeling, training
+    from bertfit.classifier import Classifier
+    from bertfit.config import TrainConfig
+    from bertfit.modeling import BertClassifier, dummy_inputs
+
+    config = TrainConfig(dropout=0.0 if variant == "no-dropout" else 0.1, jit=variant == "xla")
+    pre = bertfit.load_pretrained("minilm-l6")
+    for layer in pre.encoder._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = config.dropout
+    model = BertClassifier(pre.encoder, 2, dropout=config.dropout)
+    model(dummy_inputs())
+    clf = Classifier(model, pre.tokenizer, ["0", "1"], train_config=config)
+    trainer = training.Trainer(clf, config, tf.distribute.get_strategy(), steps_per_epoch=10_000, class_weights=None)
+
+    patches = []
+    if variant == "keras-adamw":
+        patches.append((training.AdamW, "update_step", keras.optimizers.AdamW.update_step))
+    if variant == "autodiff-norm":
+        patches.append((modeling, "_tf_gelu_training", lambda x: 0.5 * x * (1.0 + tf.math.erf(x / 2 ** 0.5))))
+        patches.append((modeling.LayerNorm, "call", lambda self, inputs, training=False:
+                        keras.layers.LayerNormalization.call(self, inputs)))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    ids, seg, mask, labels = batch
+    try:
+        step = lambda: trainer._train_step(ids, seg, mask, labels, np.float32(len(labels))).numpy()  # noqa: E731
+        step()  # traces with the patches in place
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+    step()
+    return step
+
+
+def build_forward():
+    import bertfit
+    from bertfit.classifier import Classifier
+    from bertfit.config import TrainConfig
+    from bertfit.modeling import BertClassifier, dummy_inputs
+
+    pre = bertfit.load_pretrained("minilm-l6")
+    model = BertClassifier(pre.encoder, 2)
+    model(dummy_inputs())
+    return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
+
+
+def median_rate(fn, work, repeats_done):
+    t = time.perf_counter()
+    fn()
+    repeats_done.append(work / (time.perf_counter() - t))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="training batch size")
+    p.add_argument("--repeats", type=int, default=5, help="rounds; the table shows medians")
+    p.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
+    p.add_argument("--inference", action="store_true", help="time inference batch sizes instead of training levers")
+    p.add_argument("--batches", default="32,8,2,1", help="--inference: batch sizes to compare")
+    p.add_argument("--rows", type=int, default=64, help="--inference: rows per round")
+    args = p.parse_args(argv)
+
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # one trace per variant is the point, not a retracing problem
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+    print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")
+
+    if args.inference:
+        sizes = [int(b) for b in args.batches.split(",")]
+        forward = build_forward()
+        ids, seg, mask, _ = rows(args.rows, args.seq)
+        n = len(ids)
+
+        def run_all(size):
+            for i in range(0, n, size):
+                forward(ids[i:i + size], seg[i:i + size], mask[i:i + size]).numpy()
+
+        for size in sizes:
+            run_all(size)  # trace and warm each shape
+        rates = {size: [] for size in sizes}
+        for _ in range(args.repeats):
+            for size in sizes:
+                median_rate(lambda: run_all(size), n, rates[size])
+        base = np.median(rates[sizes[0]])
+        print(f"\ninference, MiniLM-L6, L={args.seq}, {n} rows, median of {args.repeats} rounds")
+        print(f"{'batch':>6}{'ex/s':>10}{'ratio':>8}")
+        for size in sizes:
+            print(f"{size:>6}{np.median(rates[size]):>10.2f}{np.median(rates[size]) / base:>8.2f}")
+        return
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(TRAIN_VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_VARIANTS)}")
+    batch = rows(args.batch, args.seq)
+    steps = {}
+    for v in variants:
+        t = time.perf_counter()
+        steps[v] = build_step(v, batch)
+        print(f"built {v} in {time.perf_counter() - t:.0f} s", flush=True)
+    rates = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            median_rate(steps[v], args.batch * args.seq, rates[v])
+    base = np.median(rates[variants[0]])
+    print(f"\ntraining step, MiniLM-L6, L={args.seq}, B={args.batch}, median of {args.repeats} rounds")
+    print(f"{'variant':<16}{'tok/s':>9}{'ratio':>8}")
+    for v in variants:
+        print(f"{v:<16}{np.median(rates[v]):>9.0f}{np.median(rates[v]) / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
