@@ -50,7 +50,8 @@ WORKER = textwrap.dedent("""
     clf = training.fine_tune(train, dev, model=model, out=out, strategy="multi-worker", log=lambda m: None, **recipe)
     np.savez(result + ".npz", *clf.model.get_weights())
     with open(result + ".json", "w") as f:
-        json.dump({"seen": seen, "history": clf.metrics["history"]}, f)
+        json.dump({"seen": seen, "history": clf.metrics["history"],
+                   "run_dir": None if clf.run_dir is None else str(clf.run_dir)}, f)
 """)
 
 
@@ -113,6 +114,7 @@ def test_two_workers_match_one_process(cluster, tiny_model, data):
     assert json.loads((d / "out0" / "run.json").read_text())["state"] == "complete"
     assert bertfit.load(d / "out0").predict(["a great film"])[0]["label"] in ("pos", "neg")
     assert not (d / "out1").exists()
+    assert chief["run_dir"] == str(d / "out0") and worker["run_dir"] is None  # what `bertfit train` reports
 
 
 def test_each_example_once_per_epoch_across_the_cluster(cluster, tiny_model, data):

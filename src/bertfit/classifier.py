@@ -48,6 +48,7 @@ class Classifier:
         self.thresholds = None if thresholds is None else np.asarray(thresholds, "float32")
         self.train_config = train_config or TrainConfig()
         self.data_config = data_config or DataConfig()
+        self.run_dir = None  # the run folder fine_tune wrote (None: none, or not this worker's to write)
         self._forward = None
 
     @property

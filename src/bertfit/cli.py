@@ -103,14 +103,17 @@ def cmd_train(args):
     options = {**options_from(args, dataclasses.fields(DataConfig)), **options_from(args, dataclasses.fields(TrainConfig))}
     clf = fine_tune(args.data, args.validation, args.test, out=args.out, overwrite=args.overwrite, resume=args.resume,
                     config_file=args.config, log=lambda m: print(m, file=sys.stderr), **options)
-    print_summary(clf.metrics, Path(args.out))
+    print_summary(clf.metrics, clf.run_dir, note=f"(this worker writes nothing: the chief writes {args.out})")
 
 
-def print_summary(metrics, out):
+def print_summary(metrics, out, note=""):
     keys = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "mcc", "roc_auc", "pr_auc"]
     shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), float))
     print(f"{metrics['split']} ({metrics['num_examples']} examples): {shown}")
-    print(f"run folder: {out}\nreport: {out / 'report.html'}")
+    if out is None:  # a multi-worker run's other workers
+        print(note)
+    else:
+        print(f"run folder: {out}\nreport: {Path(out) / 'report.html'}")
 
 
 def cmd_demo(args):
@@ -125,7 +128,7 @@ def cmd_demo(args):
     print(f"bertfit demo: fine-tuning MiniLM-L6 on BBC News (2,225 articles, 5 classes) from {data}", file=sys.stderr)
     clf = fine_tune(str(data), format="folder", encoding="utf-8,latin-1", validation_split=0.2, seed=0, out=args.out,
                     overwrite=args.overwrite, epochs=args.epochs, max_length=args.max_length, log=lambda m: print(m, file=sys.stderr))
-    print_summary(clf.metrics, Path(args.out))
+    print_summary(clf.metrics, args.out)
 
 
 def cmd_evaluate(args):

@@ -599,6 +599,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1)})
         if writer is not None:
             writer.close()
+    clf.run_dir = out if writes else None
     return clf
 
 

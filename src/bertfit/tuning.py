@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
 import math
 import os
 import shutil
@@ -62,6 +63,19 @@ NOT_TUNABLE = {"metric", "strategy", "export", "checkpoint_every"}
 RUN_FILES = ("run.json", "config.yaml", "weights.safetensors", "vocab.txt", "metrics.json", "report.html", "logs",
              "checkpoints", "saved_model")
 MARKER = ".bertfit-tune"
+
+
+class _DropRetracing(logging.Filter):
+    """Each trial loads the model afresh, so TF counts each new tokenizer's single trace as 'retracing'."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def _quiet_retracing_warning():
+    tf_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _DropRetracing) for f in tf_logger.filters):
+        tf_logger.addFilter(_DropRetracing())
 
 
 # -- search space --------------------------------------------------------------------------
@@ -340,6 +354,7 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     storage_url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study or out.resolve().name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_retracing_warning()
     rdb = open_storage(storage_url)
     _make_out(out)
     try:
