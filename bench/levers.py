@@ -7,7 +7,8 @@
 Training: every variant is MiniLM-L6 (the default model's weights) with bertfit's own training step
 (`Trainer._train_step`: forward, backward, clipping, AdamW, dropout 0.1), built in one process and
 timed in turn, round-robin, so that noise from other work on the machine hits each alike; the table
-gives the median tok/s and the ratio to `bertfit` (the code as it is). Variants:
+gives the median tok/s, the ratio to the first variant and the spread of the rounds
+((max - min) / median). Variants:
 
   bertfit         as shipped
   keras-adamw     Keras's own AdamW update instead of the fused ResourceApplyAdam kernel
@@ -95,6 +96,11 @@ def build_forward():
     return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
 
 
+def spread(values):
+    """(max - min) / median, as a percentage: how far apart the rounds were."""
+    return f"{(max(values) - min(values)) / np.median(values):.0%}"
+
+
 def median_rate(fn, work, repeats_done):
     t = time.perf_counter()
     fn()
@@ -137,9 +143,9 @@ def main(argv=None):
                 median_rate(lambda: run_all(size), n, rates[size])
         base = np.median(rates[sizes[0]])
         print(f"\ninference, MiniLM-L6, L={args.seq}, {n} rows, median of {args.repeats} rounds")
-        print(f"{'batch':>6}{'ex/s':>10}{'ratio':>8}")
+        print(f"{'batch':>6}{'ex/s':>10}{'ratio':>8}{'spread':>8}")
         for size in sizes:
-            print(f"{size:>6}{np.median(rates[size]):>10.2f}{np.median(rates[size]) / base:>8.2f}")
+            print(f"{size:>6}{np.median(rates[size]):>10.2f}{np.median(rates[size]) / base:>8.2f}{spread(rates[size]):>8}")
         return
 
     variants = [v for v in args.variants.split(",") if v]
@@ -158,9 +164,9 @@ def main(argv=None):
             median_rate(steps[v], args.batch * args.seq, rates[v])
     base = np.median(rates[variants[0]])
     print(f"\ntraining step, MiniLM-L6, L={args.seq}, B={args.batch}, median of {args.repeats} rounds")
-    print(f"{'variant':<16}{'tok/s':>9}{'ratio':>8}")
+    print(f"{'variant':<16}{'tok/s':>9}{'ratio':>8}{'spread':>8}")
     for v in variants:
-        print(f"{v:<16}{np.median(rates[v]):>9.0f}{np.median(rates[v]) / base:>8.2f}")
+        print(f"{v:<16}{np.median(rates[v]):>9.0f}{np.median(rates[v]) / base:>8.2f}{spread(rates[v]):>8}")
 
 
 if __name__ == "__main__":
