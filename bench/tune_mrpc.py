@@ -99,8 +99,9 @@ def main(argv=None):
     print(f"MRPC dev, {args.model}, max_length {args.max_length}, {len(train)} training examples")
     print(f"{'':30}{'F1 (class 1)':>14}{'seconds':>10}")
     print(f"{'default recipe (trial ' + str(default['trial']) + ')':30}{default['f1']:>14.4f}{default['seconds']:>10.0f}")
+    study_seconds = sum(t["seconds"] or 0 for t in summary["trials"])
     print(f"{'tuned (final run)':30}{tuned['f1']:>14.4f}{tuned['seconds']:>10.0f}  (accuracy {tuned['accuracy']:.4f}, "
-          "time = the whole study + final run)")
+          f"time = this command: its trials + the final run; all trials of the study: {study_seconds:.0f} s)")
     for t in summary["trials"]:
         print(f"  trial {t['number']}: {t['state'].lower():8} F1 {t['value'] if t['value'] is not None else float('nan'):.4f} "
               f"{t['seconds'] or 0:6.0f} s  {t['params']}")
