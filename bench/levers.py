@@ -30,16 +30,11 @@ import time
 
 import numpy as np
 
+from step import batch_arrays as rows  # the same synthetic rows as bench/step.py
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla")
-
-
-def rows(n, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, 29000, (n, seq)).astype("int32")
-    ids[:, 0], ids[:, -1] = 101, 102
-    return ids, np.zeros_like(ids), np.ones_like(ids), rng.integers(0, 2, n).astype("int32")
 
 
 def build_step(variant, batch):
@@ -101,10 +96,10 @@ def spread(values):
     return f"{(max(values) - min(values)) / np.median(values):.0%}"
 
 
-def median_rate(fn, work, repeats_done):
+def time_rate(fn, work, rates):
     t = time.perf_counter()
     fn()
-    repeats_done.append(work / (time.perf_counter() - t))
+    rates.append(work / (time.perf_counter() - t))
 
 
 def main(argv=None):
@@ -140,7 +135,7 @@ def main(argv=None):
         rates = {size: [] for size in sizes}
         for _ in range(args.repeats):
             for size in sizes:
-                median_rate(lambda: run_all(size), n, rates[size])
+                time_rate(lambda: run_all(size), n, rates[size])
         base = np.median(rates[sizes[0]])
         print(f"\ninference, MiniLM-L6, L={args.seq}, {n} rows, median of {args.repeats} rounds")
         print(f"{'batch':>6}{'ex/s':>10}{'ratio':>8}{'spread':>8}")
@@ -161,7 +156,7 @@ def main(argv=None):
     rates = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:
-            median_rate(steps[v], args.batch * args.seq, rates[v])
+            time_rate(steps[v], args.batch * args.seq, rates[v])
     base = np.median(rates[variants[0]])
     print(f"\ntraining step, MiniLM-L6, L={args.seq}, B={args.batch}, median of {args.repeats} rounds")
     print(f"{'variant':<16}{'tok/s':>9}{'ratio':>8}{'spread':>8}")
