@@ -42,16 +42,16 @@ def test_study_prunes_writes_run_and_report_and_continues(tiny_model, files, tmp
     out = tmp_path / "tuned"
     out.mkdir()
     storage = f"sqlite:///{out / 'study.db'}"  # the default storage of --out tuned, study name "tuned"
-    config = tmp_path / "prune.yaml"
-    config.write_text("search_space:\n  learning_rate: {type: float, low: 1.0e-9, high: 1.0, log: true}\n"
-                      "pruner: {type: median, n_startup_trials: 1}\n")
+    # The search space and pruner as keyword arguments (the YAML config's form; the CLI tests use the file).
+    lr_space = {"learning_rate": {"type": "float", "low": 1.0e-9, "high": 1.0, "log": True}}
+    pruner = {"type": "median", "n_startup_trials": 1}
     # The constructed case: a trial whose validation loss stays near ln 2, then one whose learning
     # rate throws it far above that (the median of the trials before it) after epoch 1: pruned there.
     study = optuna.create_study(storage=storage, study_name="tuned", direction="minimize")
     for lr in (3e-3, 1.0):
         study.enqueue_trial({"learning_rate": lr})
     recipe = dict(model=tiny_model, metric="loss", epochs=2, warmup_ratio=0.0, batch_size=16, **FAST)
-    clf = tune(train, dev, trials=2, out=out, config_file=str(config), log=lambda m: None, **recipe)
+    clf = tune(train, dev, trials=2, out=out, search_space=lr_space, pruner=pruner, log=lambda m: None, **recipe)
 
     trials = optuna.load_study(study_name="tuned", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED"]

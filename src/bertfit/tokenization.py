@@ -88,8 +88,8 @@ class BertTokenizer(tf.Module):
             [len(t) - 2 if t.startswith("##") else len(t) for t in tokens], tf.int32
         )
         self._tokenize_graph = tf.function(
-            self._tokenize_strings, input_signature=[tf.TensorSpec([None], tf.string)]
-        )
+            self._tokenize_strings, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False
+        )  # autograph=False: converting tf-text's Python would cost ~1 s per tokenizer
 
     @property
     def vocab(self) -> list[str]:

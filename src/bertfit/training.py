@@ -244,16 +244,20 @@ class Trainer:
                                  for v in self.model.trainable_variables] if config.gradient_accumulation > 1 else []
         spec = tf.TensorSpec([None, None], tf.int32)
         label_spec = tf.TensorSpec([None, None] if self.multilabel else [None], tf.float32 if self.multilabel else tf.int32)
-        self._train_step = tf.function(self._step, input_signature=[spec, spec, spec, label_spec, tf.TensorSpec([], tf.float32)],
-                                       jit_compile=config.jit or None)
-        self._accumulate_step = tf.function(self._accumulate, input_signature=[spec, spec, spec, label_spec, tf.TensorSpec([], tf.float32)],
-                                            jit_compile=config.jit or None)
-        self._apply_accumulated = tf.function(self._apply)
+        # autograph=False: the steps have no Python control flow on tensors, and converting
+        # Keras's and the optimizer's Python costs a second or more of tracing per trainer.
+        signature = [spec, spec, spec, label_spec, tf.TensorSpec([], tf.float32)]
+        self._train_step = tf.function(self._step, input_signature=signature, jit_compile=config.jit or None,
+                                       autograph=False)
+        self._accumulate_step = tf.function(self._accumulate, input_signature=signature,
+                                            jit_compile=config.jit or None, autograph=False)
+        self._apply_accumulated = tf.function(self._apply, autograph=False)
         # Any strategy but the default one trains through strategy.run (see _distributed_step).
         self._distributed_fn = None
         if strategy.num_replicas_in_sync > 1 or strategy is not tf.distribute.get_strategy():
-            self._distributed_fn = tf.function(self._replicated_step, input_signature=[spec, spec, spec, label_spec, tf.TensorSpec([], tf.float32)])
-            self._replica_gradients = tf.function(self._gradients, jit_compile=True) if config.jit else self._gradients
+            self._distributed_fn = tf.function(self._replicated_step, input_signature=signature, autograph=False)
+            self._replica_gradients = (tf.function(self._gradients, jit_compile=True, autograph=False) if config.jit
+                                       else self._gradients)
 
     def _loss_sum(self, labels, logits):
         logits = tf.cast(logits, tf.float32)

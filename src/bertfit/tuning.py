@@ -271,7 +271,8 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     """Search hyperparameters with Optuna, then train a run folder in `out` with the best ones.
 
     `options` are fine_tune's flat options (DataConfig and TrainConfig names); those given are
-    fixed, the rest of the search space is tuned. `start_points` (a list of {option: value}) are
+    fixed, the rest of the search space is tuned. `search_space` and `pruner` may be given here
+    too, in the YAML config's form. `start_points` (a list of {option: value}) are
     tried first, those the study has not tried yet. Returns the final run's Classifier.
     """
     try:
@@ -291,14 +292,14 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     if timeout is not None and timeout <= 0:
         raise ConfigError("timeout must be a positive number of seconds")
 
-    # Options: the YAML file, then explicit options over it.
+    # Options: the YAML file, then explicit options (search_space and pruner included) over it.
     flat = training.load_config_file(config_file) if config_file else {}
+    flat.update({k: v for k, v in options.items() if v is not None})
     has_space = "search_space" in flat
     raw_space = flat.pop("search_space", None)
     raw_pruner = flat.pop("pruner", None)
     raw_start = start_points if start_points is not None else flat.pop("start_points", None)
     flat.pop("start_points", None)
-    flat.update({k: v for k, v in options.items() if v is not None})
     metric = flat.pop("metric", "auto")
     if metric != "auto" and metric not in TUNE_METRICS:
         raise ConfigError(f"unknown metric {metric!r}: choose auto or one of {', '.join(TUNE_METRICS)}")
