@@ -226,3 +226,21 @@ def test_search_space_and_importance_helpers():
     study.optimize(lambda t: t.suggest_float("x", 0, 1) + 0.01 * t.suggest_float("y", 0, 1), n_trials=6)
     method, imp = importances(study.trials, ["x", "y"])
     assert method.startswith("optuna.importance") and max(imp, key=imp.get) == "x"
+
+
+def test_default_pruner_judges_trials_from_their_second_epoch():
+    import optuna
+
+    from bertfit.tuning import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(None, max_epochs=3))
+    for _ in range(5):  # the startup trials: 0.9 at every epoch
+        trial = study.ask()
+        for epoch in (1, 2, 3):
+            trial.report(0.9, epoch)
+        study.tell(trial, 0.9)
+    trial = study.ask()
+    trial.report(0.1, 1)
+    assert not trial.should_prune()  # far behind after epoch 1, but epoch 1 is not judged
+    trial.report(0.1, 2)
+    assert trial.should_prune()
