@@ -59,6 +59,10 @@ def test_train_writes_a_saved_model_that_runs_without_bertfit(trained, tmp_path)
     # The run was trained with mean pooling: reloading the folder must keep it.
     assert bertfit.load(run).model.pooling == "mean"
     np.testing.assert_allclose(bertfit.load(run).predict_proba(TEXTS), clf.predict_proba(TEXTS), atol=1e-6)
+    # Each weight is stored once: the variables file is about the size of the model's weights.
+    weight_bytes = sum(np.asarray(w).nbytes for w in clf.model.weights)
+    stored = (run / "saved_model" / "variables" / "variables.data-00000-of-00001").stat().st_size
+    assert stored < 1.1 * weight_bytes, (stored, weight_bytes)
 
 
 def test_pair_model_signature(tiny_model, tmp_path):
