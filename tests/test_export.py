@@ -72,3 +72,28 @@ def test_pair_model_signature(tiny_model, tmp_path):
                             max_length=32, log=lambda m: None)
     got = run_without_bertfit(tmp_path / "run" / "saved_model", {"text": TEXTS[:2], "text_pair": TEXTS[2:]}, tmp_path)
     np.testing.assert_allclose(np.array(got["probabilities"]), clf.predict_proba(TEXTS[:2], TEXTS[2:]), atol=1e-5)
+
+
+def test_window_runs_average_windows_inside_the_saved_model(trained, tmp_path):
+    """long_text="window": the SavedModel cuts the same windows as `bertfit predict` and averages them."""
+    import dataclasses
+
+    from bertfit.export import export_saved_model
+
+    clf, run = trained
+    clf = bertfit.load(run)
+    clf.train_config = dataclasses.replace(clf.train_config, long_text="window", max_length=12, window_stride=4)
+    # 0 pieces, fewer than a window (10), exactly one, one more, and long texts ending in a strong word.
+    words = ["good", "bad", "plot", "film", "acting"]
+    texts = ["", "a good film", " ".join(words * 2), " ".join(words * 2 + ["great"]),
+             " ".join(words * 9) + " awful", "great " + " ".join(words * 13)]
+    rows = clf.encode(texts)
+    assert np.bincount(rows.example_index).tolist()[:4] == [1, 1, 1, 2] and len(rows) > 20  # windows are cut
+    export_saved_model(clf, tmp_path / "saved_model", pairs=False)
+    got = run_without_bertfit(tmp_path / "saved_model", {"text": texts}, tmp_path)
+    want = clf.predict_proba(texts)
+    np.testing.assert_allclose(np.array(got["probabilities"]), want, atol=1e-5)
+    # and the averaging matters: a truncating export would give other probabilities for the long texts
+    truncated = dataclasses.replace(clf.train_config, long_text="truncate")
+    clf.train_config = truncated
+    assert np.abs(clf.predict_proba(texts)[4:] - want[4:]).max() > 1e-4

@@ -22,6 +22,7 @@ def _attach_classifier(module: tf.Module, clf):
     module.thresholds = tf.constant(thresholds, tf.float32)
     c = clf.train_config
     module.max_length, module.truncation, module.head_tokens = c.max_length, c.truncation, c.head_tokens
+    module.long_text, module.window_stride = c.long_text, c.window_stride
 
 
 class ServingModule(tf.Module):
@@ -33,17 +34,39 @@ class ServingModule(tf.Module):
         _attach_classifier(self, clf)
 
     def classify(self, text, text_pair=None):
-        packed = self.tokenizer(text, text_pair, max_length=self.max_length, truncation=self.truncation,
-                                head_tokens=self.head_tokens)
-        logits = tf.cast(self.model(packed, training=False), tf.float32)
+        if self.long_text == "window":
+            probs = self._window_probabilities(text)
+        else:
+            packed = self.tokenizer(text, text_pair, max_length=self.max_length, truncation=self.truncation,
+                                    head_tokens=self.head_tokens)
+            probs = self._probabilities(packed)
         if self.multilabel:
-            probs = tf.sigmoid(logits)
             chosen = tf.ragged.boolean_mask(tf.broadcast_to(self.label_names, tf.shape(probs)), probs >= self.thresholds)
             label = tf.strings.reduce_join(chosen, axis=1, separator=",")
         else:
-            probs = tf.nn.softmax(logits)
             label = tf.gather(self.label_names, tf.argmax(probs, axis=1))
         return {"probabilities": probs, "label": label}
+
+    def _probabilities(self, packed):
+        logits = tf.cast(self.model(packed, training=False), tf.float32)
+        return tf.sigmoid(logits) if self.multilabel else tf.nn.softmax(logits)
+
+    def _window_probabilities(self, text):
+        """long_text="window" as `bertfit.features` does it: overlapping windows of max_length - 2
+        word pieces, `stride` apart, each [CLS] window [SEP]; their probabilities averaged per text."""
+        ids = self.tokenizer.tokenize(text)
+        width = self.max_length - 2
+        stride = self.window_stride or max(1, width // 2)
+        n = ids.row_lengths()
+        windows = (tf.maximum(n - width + stride, 1) + stride - 1) // stride  # len(range(0, max(1, n-width+stride), stride))
+        window_text = tf.repeat(tf.range(tf.size(n, tf.int64)), windows)
+        first = tf.cumsum(windows, exclusive=True)
+        start = (tf.range(tf.reduce_sum(windows)) - tf.gather(first, window_text)) * stride
+        length = tf.minimum(tf.cast(width, tf.int64), tf.gather(n, window_text) - start)
+        offset = tf.gather(ids.row_splits, window_text) + start
+        pieces = tf.gather(ids.flat_values, tf.ragged.range(offset, offset + length).flat_values)
+        packed = self.tokenizer.pack(tf.RaggedTensor.from_row_lengths(pieces, length), max_length=self.max_length)
+        return tf.math.unsorted_segment_mean(self._probabilities(packed), window_text, tf.size(n, tf.int64))
 
 
 def export_saved_model(clf, directory, pairs: bool | None = None) -> Path:
@@ -116,7 +139,7 @@ def export(clf, run_dir, format: str = "saved_model", quantize: str | None = Non
 #   - packing [CLS] a [SEP] (b [SEP]) with truncation: computed per output position by index
 #     arithmetic from the ragged values and row splits, using the tokenizer's own closed-form
 #     truncation helpers, so every truncation strategy gives the same ids as `BertTokenizer.pack`.
-# Not in the TFLite model: long_text="window" averaging (like the SavedModel, it truncates), and
+# Not in the TFLite model: long_text="window" averaging (the SavedModel has it; TFLite truncates), and
 # for multi-label models the comma-joined label string (string joins are not TFLite ops): the
 # model returns `probabilities` and `predicted` (0/1 per label at the run's thresholds) instead.
 

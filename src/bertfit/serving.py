@@ -70,8 +70,9 @@ class Model:
     on MiniLM-L6 (SST-2 sentences, examples per CPU-second; bench/serve.py has the setup): the
     loaded SavedModel 46 / 66 / 50 at batch 1 / 8 / 64, the in-process function 39 / 60 / 50,
     `Classifier.predict_proba` (tokenize, strip, re-pad, forward: several calls) 34 / 55 / 50.
-    Runs that average windows over long texts (long_text="window"), which the SavedModel does not
-    do, are served through `Classifier.predict_proba`, so that answers equal `bertfit predict`.
+    Runs that average windows over long texts (long_text="window") are served through
+    `Classifier.predict_proba`, so that answers equal `bertfit predict` also for run folders whose
+    SavedModel was exported by a bertfit that truncated instead (before 2026-11-23's session 4).
     """
 
     def __init__(self, run, name: str | None = None, clf=None, use_saved_model: bool = True):
