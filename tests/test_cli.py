@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+import bertfit
 from bertfit.cli import main
 from conftest import sentiment_rows, write_tsv
 
@@ -118,7 +119,19 @@ def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     pred = tmp_path / "pred.jsonl"
     code, _, err = run(capsys, "predict", out, "--input", files / "ok.tsv", "--output", pred)
     assert code == 0, err
-    assert len(pred.read_text().splitlines()) == 40
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert [r["line"] for r in rows] == list(range(2, 42))  # each answer names its input line (1: header)
+    # A folder (IMDB's layout) through a model trained on a TSV: the run's columns do not apply to it,
+    # and each answer names its file.
+    folder = tmp_path / "reviews"
+    for label, name, text in (("pos", "1.txt", "a great film"), ("neg", "2.txt", "an awful plot")):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / name).write_text(text)
+    code, _, err = run(capsys, "predict", out, "--input", folder, "--output", pred)
+    assert code == 0, err
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert [r["file"] for r in rows] == [str(folder / "neg" / "2.txt"), str(folder / "pos" / "1.txt")]
+    assert [r["label"] for r in rows] == [p["label"] for p in bertfit.load(out).predict(["an awful plot", "a great film"])]
 
     code, stdout, _ = run(capsys, "inspect", files / "ok.tsv", "--model", tiny_model, "--json", "--max-length", "8")
     report = json.loads(stdout)

@@ -467,10 +467,10 @@ def iter_examples(
     header=None, quoting=None, encoding="utf-8", label_delimiter=None, label_names=None, limit=None,
     require_labels=True,
 ):
-    """Stream (line_number, text, pair, label) from a data file of any size with bounded memory.
+    """Stream (where, text, pair, label) from a data file of any size with bounded memory.
 
-    line_number is the 1-based physical line where the row starts for csv, tsv and jsonl, and the
-    1-based row, record or file number for parquet, tfrecord and folders. pair is None without
+    where is the 1-based physical line where the row starts for csv, tsv and jsonl, the 1-based row
+    or record number for parquet and tfrecord, and the file's path for folders. pair is None without
     pair_column; label is None when there is no label column (allowed when require_labels=False).
 
     Columns: by name, or by 0-based index (an int or a string of digits) for headerless files. Without
@@ -536,11 +536,11 @@ def _folder_examples(path, encoding):
         files = _tar_files(path, "")
     else:
         raise DataError(f"{path}: --format folder needs a folder or a tar archive")
-    for number, (name, label, data) in enumerate(files, 1):
+    for name, label, data in files:
         text = _decode(data, encoding, name, "file").removeprefix("\ufeff")
         if not text.strip():
             raise DataError(f"{name}: empty file")
-        yield number, text, None, label
+        yield name, text, None, label
 
 
 def _row_examples(path, format, text_column, pair_column, label_column, label_columns, header, quoting,
