@@ -132,6 +132,9 @@ def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     assert [r["file"] for r in rows] == [str(folder / "neg" / "2.txt"), str(folder / "pos" / "1.txt")]
     assert [r["label"] for r in rows] == [p["label"] for p in bertfit.load(out).predict(["an awful plot", "a great film"])]
+    code, stdout, err = run(capsys, "evaluate", out, folder, "--json")  # labels from the subfolders
+    assert code == 0, err
+    assert json.loads(stdout)["num_examples"] == 2 and set(json.loads(stdout)["per_class"]) == {"neg", "pos"}
 
     code, stdout, _ = run(capsys, "inspect", files / "ok.tsv", "--model", tiny_model, "--json", "--max-length", "8")
     report = json.loads(stdout)

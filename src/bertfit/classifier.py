@@ -131,12 +131,11 @@ class Classifier:
 
     def evaluate(self, data, **read_options) -> dict:
         """Metrics (see bertfit.evaluation) on a data file or an Examples object."""
-        from .data import Examples, LabelVocab, read_examples
+        from .data import Examples, LabelVocab, input_options, read_examples
         from .evaluation import classification_metrics
 
         if not isinstance(data, Examples):
-            options = {**self.data_config.read_options(), **read_options}
-            data = read_examples(data, **options)
+            data = read_examples(data, **input_options(self.data_config.read_options(), read_options, data))
         vocab = LabelVocab(self.labels, self.multilabel)
         y_true = vocab.encode(data.labels, source=data.source)
         probs = self.predict_proba(data.texts, data.pairs)

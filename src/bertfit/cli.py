@@ -134,12 +134,12 @@ def cmd_demo(args):
 def cmd_evaluate(args):
     from .classifier import load
 
-    from .data import LabelVocab, read_examples
+    from .data import LabelVocab, input_options, read_examples
     from .evaluation import classification_metrics, worst_errors
 
     clf = load(args.run)
     read = options_from(args, dataclasses.fields(DataConfig))
-    data = read_examples(args.data, **{**clf.data_config.read_options(), **read})
+    data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
     y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data.source)
     probs = clf.predict_proba(data.texts, data.pairs)  # once, for the metrics and the error list
     metrics = classification_metrics(y, probs, clf.labels, multilabel=clf.multilabel, thresholds=clf.thresholds)

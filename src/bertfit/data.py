@@ -91,6 +91,31 @@ def detect_format(path) -> str:
     return fmt
 
 
+
+COLUMN_OPTIONS = ("text_column", "pair_column", "label_column", "label_columns", "label_delimiter", "label_names")
+
+
+def input_options(saved: dict, given: dict, path) -> dict:
+    """Reading options for a new input to a trained run: the run's own (`saved`), under those given.
+
+    The run's settings fit files like its training data. An input of another format (given, or told
+    by its name) keeps the run's columns but not its header or quoting; a folder keeps no columns
+    (text and label come from its layout) unless they were given, which iter_examples refuses.
+    """
+    try:
+        named = detect_format(path)
+    except DataError:  # no such file, or a name that does not tell: iter_examples reports it
+        named = None
+    fmt = given.get("format") or named or saved.get("format")
+    options = {**saved, **given, "format": fmt}
+    if saved.get("format") and fmt != saved.get("format"):
+        for key in ("header", "quoting"):
+            options[key] = given.get(key)
+    if fmt == "folder":
+        for key in COLUMN_OPTIONS:
+            options[key] = given.get(key)
+    return options
+
 # ---------------------------------------------------------------------------------------------
 # Low-level readers: each yields (number, row), row a list of fields or a dict of named values
 

@@ -19,28 +19,17 @@ WHERE = {"csv": "line", "tsv": "line", "jsonl": "line", "parquet": "row", "tfrec
 def predict_file(clf, input_path, output_path, batch_size=64, **read_options) -> int:
     """Write one {"line"|"row"|"record"|"file", "label", "probabilities"} line per input row, in order;
     the output appears only when complete."""
-    from .data import detect_format, iter_examples
+    from .data import detect_format, input_options, iter_examples
 
     if not output_path:
         raise BertfitError("--input needs --output FILE.jsonl")
     output_path = Path(output_path)
     if output_path.exists() and output_path.resolve() == Path(input_path).resolve():
         raise BertfitError(f"--output {output_path} is the input file: choose another name")
-    options = {**clf.data_config.read_options(), **read_options, "require_labels": False}
+    options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
     for key in ("label_column", "label_columns", "label_delimiter", "label_names"):
         options.pop(key, None)
-    # The run's reading options fit files like its training data. An input of another format (given
-    # with --format, or told by its name) keeps only the columns, and a folder not even those.
-    saved_format = clf.data_config.format
-    input_format = read_options.get("format") or _format_from_name(input_path) or saved_format
-    if saved_format and input_format != saved_format:
-        for key in ("header", "quoting"):
-            options[key] = read_options.get(key)
-    if input_format == "folder":
-        options.pop("text_column", None)
-        options.pop("pair_column", None)
-    options["format"] = input_format
-    where_key = WHERE.get(input_format or detect_format(input_path), "line")
+    where_key = WHERE[options["format"] or detect_format(input_path)]
     tmp = output_path.with_name(f".{output_path.name}.tmp{os.getpid()}")
     count = 0
     try:
@@ -73,11 +62,3 @@ def predict_file(clf, input_path, output_path, batch_size=64, **read_options) ->
         raise
     return count
 
-
-def _format_from_name(path):
-    from .data import DataError, detect_format
-
-    try:
-        return detect_format(path)
-    except DataError:  # no such file (iter_examples says so), or a name that does not tell
-        return None
