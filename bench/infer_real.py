@@ -3,6 +3,7 @@
     bash bench/setup_anchors.sh                  # once: .venv-bench with torch, transformers
     .venv-bench/bin/python bench/infer_real.py   # SST-2 dev (872) and 2,000 IMDB test reviews
     .venv-bench/bin/python bench/infer_real.py --repeats 1 --imdb 200   # a quick check
+    .venv-bench/bin/python bench/infer_real.py --tasks sst2             # SST-2 dev only
 
 Both sides do the whole job of `bertfit predict RUN --input FILE --output OUT.jsonl`: read the file,
 tokenize, sort by length, batch (32; on a CPU bertfit splits batches of long rows further, down to
@@ -164,6 +165,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--imdb", type=int, default=2000, help="IMDB test reviews (balanced)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="which data sets, comma-separated (sst2,imdb)")
     p.add_argument("--side"), p.add_argument("--task"), p.add_argument("--run")
     p.add_argument("--input"), p.add_argument("--output")
     args = p.parse_args()
@@ -175,7 +177,8 @@ def main():
         inputs = prepare(tmp, args.imdb)
         runs = make_runs(tmp)
         results = {}
-        for task in TASKS:
+        tasks = [t for t in TASKS if t in args.tasks.split(",")]
+        for task in tasks:
             for r in range(args.repeats):
                 for side in ("bertfit", "torch"):
                     out = tmp / f"{side}_{task}.jsonl"
@@ -190,7 +193,7 @@ def main():
                     results.setdefault((task, side), []).append(answer)
             agree = compare(tmp / f"bertfit_{task}.jsonl", tmp / f"torch_{task}.jsonl")
             results[(task, "agree")] = agree
-        print_table(results, args)
+        print_table(results, tasks)
 
 
 def compare(a, b):
@@ -200,10 +203,10 @@ def compare(a, b):
     return float(np.max(np.abs(np.array(pa) - np.array(pb))))
 
 
-def print_table(results, args):
+def print_table(results, tasks):
     print("| data | side | rows | job time (median) | ex/s | ÷ HF | load (imports + model) | peak RSS | RSS ÷ HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for task in TASKS:
+    for task in tasks:
         med = {s: {k: statistics.median(a[k] for a in results[(task, s)]) for k in ("job_s", "load_s", "rss_mb")}
                for s in ("bertfit", "torch")}
         rows = results[(task, "bertfit")][0]["rows"]
@@ -213,7 +216,7 @@ def print_table(results, args):
             print(f"| {task} | {name} | {rows:,} | {m['job_s']:.1f} s | {rows / m['job_s']:.1f} | "
                   f"{med['torch']['job_s'] / m['job_s']:.2f}x | {m['load_s']:.1f} s | {m['rss_mb']:,.0f} MB | "
                   f"{m['rss_mb'] / med['torch']['rss_mb']:.2f}x |")
-    for task in TASKS:
+    for task in tasks:
         print(f"\n{task}: largest |P(1)| difference between the two sides' outputs: {results[(task, 'agree')]:.1e}")
 
 
