@@ -91,7 +91,6 @@ def detect_format(path) -> str:
     return fmt
 
 
-
 COLUMN_OPTIONS = ("text_column", "pair_column", "label_column", "label_columns", "label_delimiter", "label_names")
 
 
@@ -115,6 +114,7 @@ def input_options(saved: dict, given: dict, path) -> dict:
         for key in COLUMN_OPTIONS:
             options[key] = given.get(key)
     return options
+
 
 # ---------------------------------------------------------------------------------------------
 # Low-level readers: each yields (number, row), row a list of fields or a dict of named values

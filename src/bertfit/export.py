@@ -58,7 +58,8 @@ class ServingModule(tf.Module):
         width = self.max_length - 2
         stride = self.window_stride or max(1, width // 2)
         n = ids.row_lengths()
-        windows = (tf.maximum(n - width + stride, 1) + stride - 1) // stride  # len(range(0, max(1, n-width+stride), stride))
+        # per text: len(range(0, max(1, n - width + stride), stride)) windows, as features._windows cuts
+        windows = (tf.maximum(n - width + stride, 1) + stride - 1) // stride
         window_text = tf.repeat(tf.range(tf.size(n, tf.int64)), windows)
         first = tf.cumsum(windows, exclusive=True)
         start = (tf.range(tf.reduce_sum(windows)) - tf.gather(first, window_text)) * stride

@@ -61,4 +61,3 @@ def predict_file(clf, input_path, output_path, batch_size=64, **read_options) ->
         tmp.unlink(missing_ok=True)
         raise
     return count
-
