@@ -165,6 +165,10 @@ def test_multilabel_with_thresholds(tiny_model, tmp_path):
     m = clf.metrics
     assert clf.multilabel and len(clf.thresholds) == 3
     assert m["f1_macro"] >= 0.8 and "hamming_loss" in m and "subset_accuracy" in m, m["f1_macro"]
+    # Each epoch is scored (and the best one chosen) at thresholds tuned as the final model's are:
+    # the best epoch's recorded F1 is the final validation F1.
+    best = m["history"][m["best_epoch"] - 1]
+    assert best["val_f1_macro"] == pytest.approx(m["splits"]["validation"]["f1_macro"], abs=1e-9)
     assert set(clf.predict(["boring and awful"])[0]["label"]) <= {"neg", "meh", "pos"}
 
 

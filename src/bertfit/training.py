@@ -501,9 +501,12 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             write_atomic(ckpt_dir / "last.json", json.dumps(state))
 
     def evaluate_val():
+        """Validation metrics; multi-label ones at per-label thresholds chosen on these predictions,
+        as the final model's are (at 0.5, a multi-label model's early epochs score F1 near 0)."""
         probs = clf.predict_features(val_f)
-        m = classification_metrics(y_val, probs, vocab.names, multilabel=data_config.multilabel)
-        return m, probs
+        thresholds = choose_thresholds(y_val, probs) if data_config.multilabel else None
+        m = classification_metrics(y_val, probs, vocab.names, multilabel=data_config.multilabel, thresholds=thresholds)
+        return m, probs, thresholds
 
     log(f"training {config.epochs} epoch(s) x {steps_per_epoch} steps, batch {config.batch_size}"
         f"{f' x {config.gradient_accumulation} accumulated' if config.gradient_accumulation > 1 else ''}, "
@@ -536,7 +539,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
                 checkpoint()
         progress.update(len(plan), float(np.mean(losses[-50:])) if losses else float("nan"), 0, final=True)
 
-        val_metrics, _ = evaluate_val()
+        val_metrics, _, _ = evaluate_val()
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
                   "val_loss": val_metrics["log_loss"],
                   **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float) and k != "log_loss"}}
@@ -571,10 +574,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         trainer.load_state_arrays(best, with_optimizer=False, source="best checkpoint")
         log(f"restored the best weights (epoch {state['best_epoch']})")
 
-    val_metrics, val_probs = evaluate_val()
-    if data_config.multilabel:
-        clf.thresholds = choose_thresholds(y_val, val_probs)
-        val_metrics = classification_metrics(y_val, val_probs, vocab.names, multilabel=True, thresholds=clf.thresholds)
+    val_metrics, val_probs, clf.thresholds = evaluate_val()
     results = {"validation": val_metrics}
     final_split, final_y, final_probs, final_ex = "validation", y_val, val_probs, val_ex
     if test_ex is not None:
@@ -597,8 +597,6 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         if config.export:
             from .export import export_saved_model
 
-            if config.long_text == "window":
-                log("note: saved_model/ truncates long texts (--truncation); windowing runs in bertfit predict only")
             export_saved_model(clf, out / "saved_model")
         clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1)})
         if writer is not None:
