@@ -389,6 +389,13 @@ def prepare_out(out: Path, overwrite: bool, resume: bool):
         raise BertfitError(f"cannot write to the output folder {out}: {e.strerror}") from None
 
 
+def label_log_odds(y: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) of each label's share of the multi-hot rows y, smoothed so that a label seen
+    in every row or in none stays finite."""
+    p = (y.sum(axis=0) + 0.5) / (len(y) + 1.0)
+    return np.log(p / (1.0 - p)).astype("float32")
+
+
 def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=None, model=None, out=None,
               overwrite=False, resume=False, config_file=None, log=print, on_epoch_end=None, **options) -> Classifier:
     """Fine-tune a BERT classifier on a data file (or Examples) and write a complete run folder.
@@ -460,6 +467,11 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
                 layer.rate = config.dropout
         net = BertClassifier(encoder, len(vocab.names), dropout=config.dropout, pooling=config.pooling)
         net(dummy_inputs())
+        if data_config.multilabel:
+            # Each label's bias starts at its log-odds in the training data. From 0 (p = 0.5), Adam moves a
+            # bias about one learning rate per step: at 5e-5 a rare label (p = 0.02, log-odds -3.9) would
+            # need ~80k steps, so the encoder spends the run pushing every logit down instead.
+            net.classifier.bias.assign(label_log_odds(y_train))
     if pretrained.config.max_positions < (config.max_length or 0):
         raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")
     clf = Classifier(net, pretrained.tokenizer, vocab.names, multilabel=data_config.multilabel,
