@@ -355,7 +355,8 @@ def _replacements(lower_case: bool) -> list[tuple[np.ndarray, str]]:
     if lower_case:
         mark = (major == ord("M")) & (minor == ord("n"))
         groups.append((np.flatnonzero(mark), ""))
-        for cp in np.flatnonzero(~(other | space | mark)).tolist():
+        unassigned = (major == ord("C")) & (minor == ord("n"))  # neither lower-case nor decompose
+        for cp in np.flatnonzero(~(other | space | mark | unassigned)).tolist():
             ch = chr(cp)
             if ch.lower() != ch or not unicodedata.is_normalized("NFD", ch):
                 decomposed = unicodedata.normalize("NFD", ch.lower())
