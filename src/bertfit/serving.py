@@ -72,7 +72,7 @@ class Model:
     `Classifier.predict_proba` (tokenize, strip, re-pad, forward: several calls) 34 / 55 / 50.
     Runs that average windows over long texts (long_text="window") are served through
     `Classifier.predict_proba`, so that answers equal `bertfit predict` also for run folders whose
-    SavedModel was exported by a bertfit that truncated instead (before 2026-11-23's session 4).
+    SavedModel was exported by an older bertfit, whose SavedModel truncated instead.
     """
 
     def __init__(self, run, name: str | None = None, clf=None, use_saved_model: bool = True):
