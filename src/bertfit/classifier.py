@@ -65,7 +65,7 @@ class Classifier:
             spec = tf.TensorSpec([None, None], tf.int32)
             model, multilabel = self.model, self.multilabel
 
-            @tf.function(input_signature=[spec, spec, spec])
+            @tf.function(input_signature=[spec, spec, spec], autograph=False)  # no tensor-dependent Python
             def forward(token_ids, segment_ids, padding_mask):
                 logits = tf.cast(model({"token_ids": token_ids, "segment_ids": segment_ids,
                                         "padding_mask": padding_mask}, training=False), tf.float32)
