@@ -111,9 +111,9 @@ def main():
     options = {**options, **overrides}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        clf = bertfit.fine_tune(str(train) if isinstance(train, Path) else train,
-                                str(validation) if validation else None, str(test) if test else None,
-                                out=Path(tmp) / "run", export=False, **options)
+        # Paths as strings; IMDB's subsets are Examples objects and go in as they are.
+        train, validation, test = (str(d) if isinstance(d, Path) else d for d in (train, validation, test))
+        clf = bertfit.fine_tune(train, validation, test, out=Path(tmp) / "run", export=False, **options)
     seconds = time.perf_counter() - start
     value = lookup(clf.metrics, metric)
     split = clf.metrics["split"]
