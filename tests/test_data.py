@@ -187,6 +187,28 @@ def test_multilabel_columns_delimiter_and_label_names(tmp_path):
           text_column=0, label_column=1, label_names=names)
 
 
+def test_in_memory_dataframe_and_dict_of_columns():
+    import pandas as pd
+
+    frame = pd.DataFrame({"sentence": ["a b", "c", "d e"], "other": ["x", "y", "z"], "label": [1, 0, 1],
+                          "joy": [1, 0, 1], "anger": [0, 0, 1]}, index=[10, 11, 12])
+    ex = read_examples(frame, pair_column="other")
+    assert (ex.texts, ex.pairs, ex.labels, ex.source) == (["a b", "c", "d e"], ["x", "y", "z"], ["1", "0", "1"], "DataFrame")
+    assert read_examples(frame, label_columns=["joy", "anger"]).labels == [["joy"], [], ["joy", "anger"]]
+    assert read_examples(pd.DataFrame({0: ["s", "t"], 1: [0.0, 1.0]}), text_column=0, label_column=1).labels == ["0", "1"]
+    listed = read_examples({"text": ["p", "q"], "tags": [["a", "b"], ["b"]]}, label_column="tags")
+    assert (listed.labels, listed.source) == ([["a", "b"], ["b"]], "dict of columns")
+    # missing values name the row as the user looks it up: the DataFrame's index label, the list position
+    error(["DataFrame, index r2", "missing text", "'text'"],
+          pd.DataFrame({"text": ["a", None], "label": [1, 0]}, index=["r1", "r2"]))
+    error(["DataFrame, index 1", "missing label"], pd.DataFrame({"text": ["a", "b"], "label": [1.0, float("nan")]}))
+    error(["dict of columns, position 1", "missing text"], {"text": ["a", " "], "label": [1, 0]})
+    error(["dict of columns", "different lengths", "'text': 2", "'label': 1"], {"text": ["a", "b"], "label": [1]})
+    error(["DataFrame: no column 'texts'", "Did you mean 'text'?"], pd.DataFrame({"text": ["a"], "label": [1]}), text_column="texts")
+    error(["DataFrame: no examples"], pd.DataFrame({"text": [], "label": []}))
+    error(["format='csv' applies to files", "DataFrame in memory"], frame, format="csv")
+
+
 def test_limit_and_prediction_files_without_labels(tmp_path):
     path = write(tmp_path / "d.tsv", "index\tsentence\n" + "".join(f"{i}\ts{i}\n" for i in range(100)))
     ex = read_examples(path, require_labels=False, limit=5)

@@ -57,6 +57,20 @@ def test_same_seed_same_metrics(tiny_model, binary_files):
     assert other["log_loss"] != runs[0]["log_loss"]
 
 
+def test_data_in_memory_trains_and_evaluates_as_its_file_does(tiny_model, binary_files):
+    import pandas as pd
+
+    train, dev = binary_files
+    train_frame = pd.DataFrame(sentiment_rows(320, seed=1), columns=["text", "label"])  # the rows of the files
+    dev_columns = dict(zip(["text", "label"], map(list, zip(*sentiment_rows(80, seed=2)))))
+    options = dict(model=tiny_model, log=lambda m: None, **dict(FAST, epochs=1))
+    from_files = bertfit.fine_tune(train, dev, **options)
+    from_memory = bertfit.fine_tune(train_frame, dev_columns, **options)
+    assert from_memory.metrics["log_loss"] == from_files.metrics["log_loss"]
+    by_file, by_frame = from_files.evaluate(dev), from_files.evaluate(pd.DataFrame(dev_columns))
+    assert (by_frame["log_loss"], by_frame["confusion_matrix"]) == (by_file["log_loss"], by_file["confusion_matrix"])
+
+
 def test_multiclass_with_recipe_options(tiny_model, tmp_path):
     train = write_tsv(tmp_path / "train.tsv", ["text", "label"], sentiment_rows(360, seed=3, classes=3))
     # Mean pooling: through [CLS] the tiny random BERT learned only 2 of the 3 classes (accuracy 0.667)

@@ -2,6 +2,7 @@
 
 Formats: csv, tsv, jsonl, parquet, tfrecord (tf.train.Example) and folder (DIR/<label>/<file>, also
 read straight from a tar archive: ARCHIVE.tar.gz/inner/folder). Text formats may be gzip-compressed.
+From Python, data may also be in memory: a pandas DataFrame or a dict of equal-length columns.
 Every problem a user can fix raises DataError naming the file and the line (1-based, as an editor
 shows it), row, record, column or field. Also here: the label vocabulary and a stratified split.
 """
@@ -75,6 +76,15 @@ def _archive_parts(path) -> tuple[Path, str] | None:
     return None
 
 
+def is_table(data) -> bool:
+    """In-memory data from the Python API: a pandas DataFrame or a dict of columns (not a path)."""
+    return isinstance(data, dict) or (hasattr(data, "columns") and hasattr(data, "iloc"))
+
+
+def _table_name(table) -> str:
+    return "dict of columns" if isinstance(table, dict) else type(table).__name__
+
+
 def detect_format(path) -> str:
     """The format of a data file or folder, from its name: csv|tsv|jsonl|parquet|folder|tfrecord."""
     p = Path(path)
@@ -102,7 +112,7 @@ def input_options(saved: dict, given: dict, path) -> dict:
     (text and label come from its layout) unless they were given, which iter_examples refuses.
     """
     try:
-        named = detect_format(path)
+        named = "table" if is_table(path) else detect_format(path)
     except DataError:  # no such file, or a name that does not tell: iter_examples reports it
         named = None
     fmt = given.get("format") or named or saved.get("format")
@@ -234,6 +244,22 @@ def _parquet_rows(parquet, columns):
         for values in zip(*(batch.column(name).to_pylist() for name in columns)):
             number += 1
             yield number, dict(zip(columns, values))
+
+
+def _memory_rows(table, name):
+    """(names, where, rows) of a DataFrame or a dict of columns; rows are (key, {column: value}), keyed by
+    the DataFrame's index label or the lists' 0-based position, as the user would look them up."""
+    if isinstance(table, dict):
+        columns, keys, where = {str(k): list(v) for k, v in table.items()}, None, "position"
+    else:  # pandas: NaN, None, NA and NaT all become None
+        keys, where = table.index.tolist(), "index"
+        table = table.astype(object).where(table.notna(), None)
+        columns = {str(k): table[k].tolist() for k in table.columns}
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{name}: columns of different lengths ({', '.join(f'{k!r}: {n}' for k, n in lengths.items())})")
+    keys = range(len(next(iter(columns.values()), []))) if keys is None else keys
+    return list(columns), where, zip(keys, (dict(zip(columns, values)) for values in zip(*columns.values())))
 
 
 def _tfrecord_rows(path):
@@ -510,7 +536,12 @@ def iter_examples(
     """
     if isinstance(label_columns, str):  # "a,b,c", as a command line gives it
         label_columns = label_columns.split(",")
-    if format is None:
+    table = None
+    if is_table(path):
+        if format not in (None, "table"):
+            raise DataError(f"format={format!r} applies to files; this data is a {_table_name(path)} in memory")
+        table, path, format = path, _table_name(path), "table"
+    elif format is None:
         format = detect_format(path)
     elif format not in FORMATS:
         raise DataError(f"unknown format {format!r}: --format must be one of {', '.join(FORMATS)}")
@@ -533,7 +564,7 @@ def iter_examples(
                 "(the text is each file's content, the label its folder's name)"
             )
         examples = _folder_examples(path, encoding)
-    elif Path(path).is_dir():
+    elif table is None and Path(path).is_dir():
         raise DataError(f"{path}: is a folder, but --format {format} reads a file")
     else:
         id_names = (label_names, _read_label_names(label_names)) if label_names is not None else None
@@ -541,7 +572,7 @@ def iter_examples(
             raise DataError("--label-names maps label ids in --label-column; --label-columns are named by their header")
         examples = _row_examples(
             path, format, text_column, pair_column, label_column, label_columns, header, quoting, encoding,
-            label_delimiter, id_names, require_labels,
+            label_delimiter, id_names, require_labels, table,
         )
     count = 0
     for example in islice(examples, limit):
@@ -569,10 +600,14 @@ def _folder_examples(path, encoding):
 
 
 def _row_examples(path, format, text_column, pair_column, label_column, label_columns, header, quoting,
-                  encoding, label_delimiter, id_names, require_labels):
+                  encoding, label_delimiter, id_names, require_labels, table=None):
     keyed = format != "csv" and format != "tsv"
     specs = [s for s in (text_column, pair_column, label_column, *(label_columns or ())) if s is not None]
-    if format == "parquet":
+    if format == "table":  # path is the table's name, for messages
+        names, where, rows = _memory_rows(table, path)
+        columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
+                           require_labels, keyed)
+    elif format == "parquet":
         parquet = _parquet_file(path)
         names = parquet.schema_arrow.names
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
@@ -644,7 +679,7 @@ def read_examples(
         texts,
         pairs if pairs and pairs[0] is not None else None,
         labels if labels and labels[0] is not None else None,
-        str(path),
+        _table_name(path) if is_table(path) else str(path),
     )
 
 
