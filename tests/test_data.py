@@ -207,6 +207,7 @@ def test_in_memory_dataframe_and_dict_of_columns():
     error(["DataFrame: no column 'texts'", "Did you mean 'text'?"], pd.DataFrame({"text": ["a"], "label": [1]}), text_column="texts")
     error(["DataFrame: no examples"], pd.DataFrame({"text": [], "label": []}))
     error(["format='csv' applies to files", "DataFrame in memory"], frame, format="csv")
+    error(["data must be a file or folder path, a pandas DataFrame or a dict of columns, not a list"], ["a", "b"])
 
 
 def test_limit_and_prediction_files_without_labels(tmp_path):

@@ -15,6 +15,7 @@ import difflib
 import gzip
 import json
 import math
+import os
 import re
 import tarfile
 import zlib
@@ -541,6 +542,9 @@ def iter_examples(
         if format not in (None, "table"):
             raise DataError(f"format={format!r} applies to files; this data is a {_table_name(path)} in memory")
         table, path, format = path, _table_name(path), "table"
+    elif not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"data must be a file or folder path, a pandas DataFrame or a dict of columns, "
+                        f"not a {type(path).__name__}")
     elif format is None:
         format = detect_format(path)
     elif format not in FORMATS:
