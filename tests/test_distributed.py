@@ -124,7 +124,7 @@ def test_each_example_once_per_epoch_across_the_cluster(cluster, tiny_model, dat
 
     tokenizer = bertfit.load_pretrained(tiny_model).tokenizer
     rows = features.encode(tokenizer, texts, max_length=RECIPE["max_length"])
-    index = {tuple(int(t) for t in r): i for i, r in enumerate(rows.token_ids)}
+    index = {tuple(int(t) for t in rows.row(i)): i for i in range(len(rows))}
     assert len(index) == N_TRAIN  # every row is distinct, so a row names its example
 
     steps_per_epoch = -(-N_TRAIN // RECIPE["batch_size"])

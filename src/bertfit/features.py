@@ -17,24 +17,39 @@ ENCODE_CHUNK = 2048  # texts per in-graph tokenizer call: large enough to amorti
 
 @dataclass
 class Features:
-    token_ids: list[np.ndarray]    # per row, int32, [CLS] ... [SEP] (no padding)
-    segment_ids: list[np.ndarray]  # per row, int32
-    example_index: np.ndarray      # row -> index of its example
+    """Rows stored end to end in flat arrays: no padding and no Python object per row (5 bytes per
+    token, 8 per row), and ready to be memory-mapped."""
+
+    ids: np.ndarray            # int32: every row's token ids, [CLS] ... [SEP], one row after another
+    segments: np.ndarray       # int8: the segment id of each of those tokens
+    offsets: np.ndarray        # int64 [rows + 1]: row r is ids[offsets[r]:offsets[r + 1]]
+    example_index: np.ndarray  # row -> index of its example
     num_examples: int
+
+    @classmethod
+    def from_rows(cls, ids: list[np.ndarray], segments: list[np.ndarray], lengths: list[np.ndarray],
+                  example_index, num_examples) -> "Features":
+        """From pieces: flat ids and segments of consecutive rows, and those rows' lengths."""
+        offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+        np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+        flat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+        return cls(flat(ids, np.int32), flat(segments, np.int8), offsets, np.asarray(example_index), num_examples)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(t) for t in self.token_ids), dtype=np.int64, count=len(self.token_ids))
+        return np.diff(self.offsets)
+
+    def row(self, r: int) -> np.ndarray:
+        return self.ids[self.offsets[r]:self.offsets[r + 1]]
 
     def __len__(self):
-        return len(self.token_ids)
+        return len(self.offsets) - 1
 
 
-def _strip(packed) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    ids = packed["token_ids"].numpy()
-    seg = packed["segment_ids"].numpy()
-    n = packed["padding_mask"].numpy().sum(axis=1)
-    return [ids[i, :n[i]] for i in range(len(n))], [seg[i, :n[i]] for i in range(len(n))]
+def _strip(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A padded batch -> (flat ids, flat segments, row lengths) without the padding."""
+    mask = packed["padding_mask"].numpy().astype(bool)
+    return packed["token_ids"].numpy()[mask], packed["segment_ids"].numpy()[mask], mask.sum(axis=1)
 
 
 def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_first", head_tokens=None,
@@ -47,14 +62,14 @@ def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_
         if pairs is not None:
             raise ConfigError("long_text='window' supports single texts, not sentence pairs")
         return _windows(tokenizer, texts, max_length, stride)
-    token_ids, segment_ids = [], []
+    ids, segments, lengths = [], [], []
     for start in range(0, len(texts), ENCODE_CHUNK):
         a = texts[start:start + ENCODE_CHUNK]
         b = None if pairs is None else list(pairs[start:start + ENCODE_CHUNK])
-        ids, seg = _strip(tokenizer(a, b, max_length=max_length, truncation=truncation, head_tokens=head_tokens))
-        token_ids += ids
-        segment_ids += seg
-    return Features(token_ids, segment_ids, np.arange(len(texts)), len(texts))
+        for parts, part in zip((ids, segments, lengths), _strip(tokenizer(
+                a, b, max_length=max_length, truncation=truncation, head_tokens=head_tokens))):
+            parts.append(part)
+    return Features.from_rows(ids, segments, lengths, np.arange(len(texts)), len(texts))
 
 
 def _windows(tokenizer, texts, max_length, stride) -> Features:
@@ -66,18 +81,17 @@ def _windows(tokenizer, texts, max_length, stride) -> Features:
     if not 0 < stride <= width:
         raise ConfigError(f"window stride must be between 1 and {width} (max_length - 2), not {stride}")
     cls, sep = tokenizer.cls_id, tokenizer.sep_id
-    token_ids, segment_ids, example_index = [], [], []
+    rows, example_index = [], []
     for start in range(0, len(texts), ENCODE_CHUNK):
         ragged = tokenizer.tokenize(texts[start:start + ENCODE_CHUNK])
         for offset, pieces in enumerate(ragged.numpy()):
             pieces = np.asarray(pieces, "int32")
             starts = range(0, max(1, len(pieces) - width + stride), stride)
             for s in starts:
-                row = np.concatenate([[cls], pieces[s:s + width], [sep]]).astype("int32")
-                token_ids.append(row)
-                segment_ids.append(np.zeros_like(row))
+                rows.append(np.concatenate([[cls], pieces[s:s + width], [sep]]).astype("int32"))
                 example_index.append(start + offset)
-    return Features(token_ids, segment_ids, np.asarray(example_index), len(texts))
+    lengths = [np.fromiter(map(len, rows), np.int64, len(rows))]
+    return Features.from_rows(rows, [np.zeros(int(lengths[0].sum()), np.int8)], lengths, example_index, len(texts))
 
 
 def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -112,16 +126,16 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
 
 def pad_batch(features: Features, rows: np.ndarray, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Pad the given rows to the longest of them."""
-    width = max(len(features.token_ids[r]) for r in rows)
-    token_ids = np.full((len(rows), width), pad_id, "int32")
-    segment_ids = np.zeros((len(rows), width), "int32")
-    mask = np.zeros((len(rows), width), "int32")
-    for i, r in enumerate(rows):
-        n = len(features.token_ids[r])
-        token_ids[i, :n] = features.token_ids[r]
-        segment_ids[i, :n] = features.segment_ids[r]
-        mask[i, :n] = 1
-    return {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": mask}
+    rows = np.asarray(rows)
+    starts = features.offsets[rows]
+    lengths = features.offsets[rows + 1] - starts
+    mask = np.arange(lengths.max()) < lengths[:, None]
+    where = (starts[:, None] + np.arange(mask.shape[1]))[mask]  # each kept position's index in the flat arrays
+    token_ids = np.full(mask.shape, pad_id, "int32")
+    token_ids[mask] = features.ids[where]
+    segment_ids = np.zeros(mask.shape, "int32")
+    segment_ids[mask] = features.segments[where]
+    return {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": mask.astype("int32")}
 
 
 def per_example(row_values: np.ndarray, features: Features) -> np.ndarray:
