@@ -69,6 +69,38 @@ def test_data_in_memory_trains_and_evaluates_as_its_file_does(tiny_model, binary
     assert from_memory.metrics["log_loss"] == from_files.metrics["log_loss"]
     by_file, by_frame = from_files.evaluate(dev), from_files.evaluate(pd.DataFrame(dev_columns))
     assert (by_frame["log_loss"], by_frame["confusion_matrix"]) == (by_file["log_loss"], by_file["confusion_matrix"])
+    # No validation data: the held-out split of a streamed file (its rows picked from the token cache,
+    # its texts re-read for the report) is the split of the same rows in memory.
+    split_file, split_memory = (bertfit.fine_tune(data, **options).metrics for data in (train, train_frame))
+    assert split_file["log_loss"] == split_memory["log_loss"] and split_file["train_examples"] == 288
+
+
+def test_a_training_file_streams_through_a_token_cache(tiny_model, tmp_path):
+    """Training data is tokenized chunk by chunk into memory-mapped files: Python memory stays
+    bounded by a chunk, not the file, and the cache leaves the run folder when training ends."""
+    import tracemalloc
+
+    from bertfit import features
+    from bertfit.data import read_examples
+
+    path = write_tsv(tmp_path / "big.tsv", ["text", "label"], sentiment_rows(40_000, seed=5))
+    tokenizer = bertfit.load_pretrained(tiny_model).tokenizer
+    tracemalloc.start()
+    labels, streamed = features.encode_file(tokenizer, path, {}, tmp_path / "cache", max_length=32)
+    streamed_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    examples = read_examples(path)
+    in_memory = features.encode(tokenizer, examples.texts, max_length=32)
+    memory_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert streamed_peak < 0.3 * memory_peak, (streamed_peak, memory_peak)
+    assert isinstance(streamed.ids, np.memmap) and labels == examples.labels
+    assert np.array_equal(streamed.ids, in_memory.ids) and np.array_equal(streamed.offsets, in_memory.offsets)
+
+    out = tmp_path / "run"
+    bertfit.fine_tune(path, model=tiny_model, out=out, log=lambda m: None,
+                      **dict(FAST, epochs=1, batch_size=256))
+    assert not list(out.glob(".token-cache-*")) and (out / "run.json").exists()
 
 
 def test_multiclass_with_recipe_options(tiny_model, tmp_path):

@@ -687,6 +687,18 @@ def read_examples(
     )
 
 
+def read_subset(path, indices, labels, **read_options) -> Examples:
+    """Examples number `indices` (0-based, ascending) of a data file, in a second pass over it; their
+    labels are taken from `labels` (all of the file's, as read the first time)."""
+    wanted = set(indices)
+    texts, pairs = [], []
+    for i, (_, text, pair, _) in enumerate(iter_examples(path, **read_options)):
+        if i in wanted:
+            texts.append(text)
+            pairs.append(pair)
+    return Examples(texts, pairs if pairs and pairs[0] is not None else None, [labels[i] for i in indices], str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Labels
 
@@ -766,27 +778,30 @@ def stratified_split(examples: Examples, fraction=0.2, seed=0) -> tuple[Examples
     by; an example without labels counts as its own class). Deterministic for a given seed; both
     parts keep file order.
     """
+    kept, held = stratified_indices(examples.labels, len(examples), fraction, seed, examples.source)
+    return examples.subset(kept), examples.subset(held)
+
+
+def stratified_indices(labels, n, fraction=0.2, seed=0, source="data") -> tuple[list[int], list[int]]:
+    """The indices that stratified_split keeps and holds out, in order, for n examples with these labels."""
     if not 0 < fraction < 1:
         raise DataError(f"the held-out fraction must be between 0 and 1, not {fraction}")
     classes: dict[str, list[int]] = {}
-    for i in range(len(examples)):
-        label = "" if examples.labels is None else examples.labels[i]
+    for i in range(n):
+        label = "" if labels is None else labels[i]
         if isinstance(label, (list, tuple)):
             label = label[0] if label else ""
         classes.setdefault(str(label), []).append(i)
     keys = sorted(classes)
     shares = [len(classes[k]) * fraction for k in keys]
     quotas = [math.floor(s) for s in shares]
-    missing = round(len(examples) * fraction) - sum(quotas)
+    missing = round(n * fraction) - sum(quotas)
     for j in sorted(range(len(keys)), key=lambda j: quotas[j] - shares[j])[:missing]:
         quotas[j] += 1
     rng = np.random.default_rng(seed)
     held = set()
     for key, quota in zip(keys, quotas):
         held.update(rng.permutation(classes[key])[:quota].tolist())
-    if not held or len(held) == len(examples):
-        raise DataError(
-            f"{examples.source}: {len(examples)} examples are too few to hold out a fraction of {fraction}"
-        )
-    kept = [i for i in range(len(examples)) if i not in held]
-    return examples.subset(kept), examples.subset(sorted(held))
+    if not held or len(held) == n:
+        raise DataError(f"{source}: {n} examples are too few to hold out a fraction of {fraction}")
+    return [i for i in range(n) if i not in held], sorted(held)

@@ -7,6 +7,7 @@ text becomes several overlapping rows whose predictions are averaged back per ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +40,19 @@ class Features:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def rows_of(self, examples) -> np.ndarray:
+        """The rows of these examples (indices, in order), in row order."""
+        return np.flatnonzero(np.isin(self.example_index, examples))
+
+    def select(self, examples) -> "Features":
+        """A copy in memory holding only these examples (indices, in order), renumbered 0, 1, ..."""
+        rows = self.rows_of(examples)
+        renumber = np.full(self.num_examples, -1, np.int64)
+        renumber[np.asarray(examples, np.int64)] = np.arange(len(examples))
+        pieces = [self.row(r) for r in rows]
+        return Features.from_rows(pieces, [self.segments[self.offsets[r]:self.offsets[r + 1]] for r in rows],
+                                  [self.lengths[rows]], renumber[self.example_index[rows]], len(examples))
+
     def row(self, r: int) -> np.ndarray:
         return self.ids[self.offsets[r]:self.offsets[r + 1]]
 
@@ -70,6 +84,53 @@ def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_
                 a, b, max_length=max_length, truncation=truncation, head_tokens=head_tokens))):
             parts.append(part)
     return Features.from_rows(ids, segments, lengths, np.arange(len(texts)), len(texts))
+
+
+def encode_file(tokenizer, path, read_options: dict, directory, **encode_options) -> tuple[list, Features]:
+    """Stream a data file through the tokenizer into flat files in `directory`, memory-mapped when done.
+
+    For training data of any size: only one chunk of texts is in memory at a time; what stays is
+    each example's label (one shared object per distinct label) and 8 bytes per row of offsets.
+    Returns (labels, features), the same as read_examples + encode would give.
+    """
+    from .data import iter_examples
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    labels, shared = [], {}
+    lengths, example_index, count = [], [], 0
+    with open(directory / "ids.int32", "wb") as ids, open(directory / "segments.int8", "wb") as segments:
+        def add(texts, pairs):
+            nonlocal count
+            f = encode(tokenizer, texts, pairs if pairs[0] is not None else None, **encode_options)
+            ids.write(f.ids.tobytes())
+            segments.write(f.segments.tobytes())
+            lengths.append(f.lengths)
+            example_index.append(f.example_index + count)
+            count += f.num_examples
+
+        texts, pairs = [], []
+        for _, text, pair, label in iter_examples(path, **read_options):
+            texts.append(text)
+            pairs.append(pair)
+            labels.append(shared.setdefault(tuple(label) if isinstance(label, list) else label, label))
+            if len(texts) == ENCODE_CHUNK:
+                add(texts, pairs)
+                texts, pairs = [], []
+        if texts:
+            add(texts, pairs)
+    if any(isinstance(label, list) for label in labels):  # as read_examples: multi-label makes every label a list
+        labels = [label if isinstance(label, list) else [label] for label in labels]
+
+    def mapped(name, dtype):
+        size = (directory / name).stat().st_size
+        return np.memmap(directory / name, dtype, mode="r") if size else np.zeros(0, dtype)
+
+    offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    features = Features(mapped("ids.int32", np.int32), mapped("segments.int8", np.int8), offsets,
+                        np.concatenate(example_index), count)
+    return labels, features
 
 
 def _windows(tokenizer, texts, max_length, stride) -> Features:

@@ -11,7 +11,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -407,7 +409,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     this to prune trials). With several workers only the chief writes `out`.
     """
     from .checkpoints import load_pretrained
-    from .data import Examples, LabelVocab, read_examples, stratified_split
+    from .data import Examples, LabelVocab, read_examples, read_subset, stratified_indices
     from .evaluation import choose_thresholds, classification_metrics, write_report
     from .modeling import BertClassifier, dummy_inputs
     from .tokenization import BertTokenizer  # noqa: F401  (fail early if tensorflow-text is broken)
@@ -445,14 +447,49 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             return source
         return read_examples(source, **data_config.read_options())
 
-    train_ex, val_ex, test_ex = read(train), read(validation), read(test)
-    vocab = LabelVocab.from_labels(train_ex.labels, multilabel=data_config.multilabel, source=train_ex.source)
-    if val_ex is None:
-        train_ex, val_ex = stratified_split(train_ex, fraction=config.validation_split, seed=config.seed)
+    val_ex, test_ex = read(validation), read(test)
+    with strategy.scope(), dtype_policy(config.mixed_precision):
+        pretrained = load_pretrained(config.model, lower_case=config.lower_case)
+    if pretrained.config.max_positions < (config.max_length or 0):
+        raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")
+    encode_options = dict(max_length=config.max_length, truncation=config.truncation, head_tokens=config.head_tokens,
+                          long_text=config.long_text, stride=config.window_stride)
+
+    # The training data: a file streams through the tokenizer into a token cache on disk (any size;
+    # its texts are never all in memory); data already in memory is tokenized there.
+    t0 = time.perf_counter()
+    train_ex = None if isinstance(train, (str, os.PathLike)) else read(train)
+    if train_ex is None:
+        # In the run folder (a big file's tokens may not fit in /tmp, often held in memory); deleted
+        # when training ends, or when a resumed run starts (what a killed run left).
+        for stale in (out.glob(".token-cache-*") if out is not None and chief else ()):
+            shutil.rmtree(stale, ignore_errors=True)
+        cache = tempfile.mkdtemp(prefix=".token-cache-", dir=out if out is not None and chief else None)
+        train_labels, train_f = feats.encode_file(pretrained.tokenizer, train, data_config.read_options(), cache,
+                                                  **encode_options)
+        remove_cache = weakref.finalize(train_f, shutil.rmtree, cache, True)  # also if training fails
+        train_source = str(train)
+    else:
+        train_labels, train_source = train_ex.labels, train_ex.source
+        train_f = feats.encode(pretrained.tokenizer, train_ex.texts, train_ex.pairs, **encode_options)
+    vocab = LabelVocab.from_labels(train_labels, multilabel=data_config.multilabel, source=train_source)
+    y_all = vocab.encode(train_labels, source=train_source)
+    kept = np.arange(train_f.num_examples)
+    if val_ex is None:  # hold out a stratified part of the training data; its rows are already tokenized
+        kept, held = stratified_indices(train_labels, train_f.num_examples, config.validation_split, config.seed,
+                                        train_source)
+        val_ex = (train_ex.subset(held) if train_ex is not None
+                  else read_subset(train, held, train_labels, **data_config.read_options()))
+        val_f = train_f.select(held)
         log(f"no validation file: holding out a stratified {config.validation_split:.0%} of the training data "
             f"({len(val_ex)} examples, seed {config.seed})")
-    y_train = vocab.encode(train_ex.labels, source=train_ex.source)
+    else:
+        val_f = feats.encode(pretrained.tokenizer, val_ex.texts, val_ex.pairs, **encode_options)
+    train_rows = train_f.rows_of(kept) if len(kept) < train_f.num_examples else np.arange(len(train_f))
+    y_train = y_all[kept]
     y_val = vocab.encode(val_ex.labels, source=val_ex.source)
+    log(f"tokenized {len(kept)} training and {len(val_ex)} validation examples in {time.perf_counter() - t0:.1f}s "
+        f"({len(train_rows)} rows, mean {train_f.lengths[train_rows].mean():.0f} tokens)")
     if config.class_weight and data_config.multilabel:
         raise ConfigError("--class-weight balanced is for single-label tasks")
     metric = resolve_metric(config, data_config.multilabel)
@@ -460,7 +497,6 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         raise ConfigError(f"metric {metric} is defined for binary tasks only")
 
     with strategy.scope(), dtype_policy(config.mixed_precision):
-        pretrained = load_pretrained(config.model, lower_case=config.lower_case)
         encoder = pretrained.encoder
         for layer in encoder._flatten_layers():
             if isinstance(layer, keras.layers.Dropout):
@@ -472,19 +508,11 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             # bias about one learning rate per step: at 5e-5 a rare label (p = 0.02, log-odds -3.9) would
             # need ~80k steps, so the encoder spends the run pushing every logit down instead.
             net.classifier.bias.assign(label_log_odds(y_train))
-    if pretrained.config.max_positions < (config.max_length or 0):
-        raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")
     clf = Classifier(net, pretrained.tokenizer, vocab.names, multilabel=data_config.multilabel,
                      train_config=config, data_config=data_config)
+    row_labels = y_all[train_f.example_index]  # indexed by row number, as batches are
 
-    t0 = time.perf_counter()
-    train_f = clf.encode(train_ex.texts, train_ex.pairs)
-    val_f = clf.encode(val_ex.texts, val_ex.pairs)
-    log(f"tokenized {len(train_ex)} training and {len(val_ex)} validation examples in {time.perf_counter() - t0:.1f}s "
-        f"({len(train_f)} rows, mean {train_f.lengths.mean():.0f} tokens)")
-    row_labels = y_train[train_f.example_index]
-
-    batches_per_epoch = math.ceil(len(train_f) / config.batch_size)
+    batches_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation)
     weights = balanced_class_weights(y_train, len(vocab.names)) if config.class_weight else None
     trainer = Trainer(clf, config, strategy, steps_per_epoch, weights)
@@ -526,7 +554,8 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     train_start = time.perf_counter()
     while state["epoch"] < config.epochs:
         epoch = state["epoch"]
-        plan = feats.batch_plan(train_f.lengths, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch)
+        plan = [train_rows[b] for b in feats.batch_plan(train_f.lengths[train_rows], config.batch_size, shuffle=True,
+                                                        seed=config.seed, epoch=epoch)]
         progress = Progress(epoch + 1, config.epochs, len(plan))
         losses = []
         for b in range(state["batch"], len(plan)):
@@ -580,6 +609,8 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             log(f"early stopping: no improvement in validation {metric} for {state['stale']} epoch(s)")
             break
     train_seconds = time.perf_counter() - train_start
+    if train_ex is None:
+        remove_cache()
 
     if state["best_epoch"] is not None and state["best_epoch"] != len(state["history"]):
         best = best_arrays if best_arrays is not None else load_arrays(ckpt_dir / "best.npz")
@@ -598,7 +629,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     metrics = {**results[final_split], "split": final_split, "splits": results, "history": state["history"],
                "best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1),
                "train_tokens": state.get("train_tokens", 0),
-               "train_examples": len(train_ex)}
+               "train_examples": len(kept)}
     clf.metrics = metrics
     if writes:
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
