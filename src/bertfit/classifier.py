@@ -91,9 +91,7 @@ class Classifier:
         return (16 << 20) // (4 * self.encoder_config.num_heads)
 
     def encode(self, texts, pairs=None) -> feats.Features:
-        c = self.train_config
-        return feats.encode(self.tokenizer, texts, pairs, max_length=c.max_length, truncation=c.truncation,
-                            head_tokens=c.head_tokens, long_text=c.long_text, stride=c.window_stride)
+        return feats.encode(self.tokenizer, texts, pairs, **feats.encode_options(self.train_config))
 
     def predict_features(self, features: feats.Features, batch_size: int | None = None) -> np.ndarray:
         """Probabilities per example [N, labels], batched by length so that padding stays small."""

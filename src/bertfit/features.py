@@ -66,6 +66,12 @@ def _strip(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return packed["token_ids"].numpy()[mask], packed["segment_ids"].numpy()[mask], mask.sum(axis=1)
 
 
+def encode_options(config) -> dict:
+    """encode's keyword arguments from a TrainConfig."""
+    return dict(max_length=config.max_length, truncation=config.truncation, head_tokens=config.head_tokens,
+                long_text=config.long_text, stride=config.window_stride)
+
+
 def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_first", head_tokens=None,
            long_text="truncate", stride=None) -> Features:
     """Tokenize all texts (in chunks, in the graph) into rows ready for batching."""

@@ -447,13 +447,15 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             return source
         return read_examples(source, **data_config.read_options())
 
+    if config.class_weight and data_config.multilabel:
+        raise ConfigError("--class-weight balanced is for single-label tasks")
+    metric = resolve_metric(config, data_config.multilabel)
     val_ex, test_ex = read(validation), read(test)
     with strategy.scope(), dtype_policy(config.mixed_precision):
         pretrained = load_pretrained(config.model, lower_case=config.lower_case)
     if pretrained.config.max_positions < (config.max_length or 0):
         raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")
-    encode_options = dict(max_length=config.max_length, truncation=config.truncation, head_tokens=config.head_tokens,
-                          long_text=config.long_text, stride=config.window_stride)
+    encode_options = feats.encode_options(config)
 
     # The training data: a file streams through the tokenizer into a token cache on disk (any size;
     # its texts are never all in memory); data already in memory is tokenized there.
@@ -490,9 +492,6 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     y_val = vocab.encode(val_ex.labels, source=val_ex.source)
     log(f"tokenized {len(kept)} training and {len(val_ex)} validation examples in {time.perf_counter() - t0:.1f}s "
         f"({len(train_rows)} rows, mean {train_f.lengths[train_rows].mean():.0f} tokens)")
-    if config.class_weight and data_config.multilabel:
-        raise ConfigError("--class-weight balanced is for single-label tasks")
-    metric = resolve_metric(config, data_config.multilabel)
     if metric in ("roc_auc", "pr_auc", "f1_positive") and len(vocab.names) != 2:
         raise ConfigError(f"metric {metric} is defined for binary tasks only")
 
