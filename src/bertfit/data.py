@@ -677,14 +677,20 @@ def read_examples(
         texts.append(text)
         pairs.append(pair)
         labels.append(label)
-    if any(isinstance(label, list) for label in labels):
-        labels = [label if isinstance(label, list) else [label] for label in labels]
+    labels = uniform_labels(labels)
     return Examples(
         texts,
         pairs if pairs and pairs[0] is not None else None,
         labels if labels and labels[0] is not None else None,
         _table_name(path) if is_table(path) else str(path),
     )
+
+
+def uniform_labels(labels: list) -> list:
+    """When any label is a list (multi-label), every label becomes a list."""
+    if any(isinstance(label, list) for label in labels):
+        return [label if isinstance(label, list) else [label] for label in labels]
+    return labels
 
 
 def read_subset(path, indices, labels, **read_options) -> Examples:

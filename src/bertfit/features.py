@@ -31,10 +31,9 @@ class Features:
     def from_rows(cls, ids: list[np.ndarray], segments: list[np.ndarray], lengths: list[np.ndarray],
                   example_index, num_examples) -> "Features":
         """From pieces: flat ids and segments of consecutive rows, and those rows' lengths."""
-        offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
-        np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
         flat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
-        return cls(flat(ids, np.int32), flat(segments, np.int8), offsets, np.asarray(example_index), num_examples)
+        return cls(flat(ids, np.int32), flat(segments, np.int8), _offsets(lengths), np.asarray(example_index),
+                   num_examples)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -47,17 +46,27 @@ class Features:
     def select(self, examples) -> "Features":
         """A copy in memory holding only these examples (indices, in order), renumbered 0, 1, ..."""
         rows = self.rows_of(examples)
+        lengths = self.lengths[rows]
+        offsets = _offsets([lengths])
+        # each kept token's position in the flat arrays: its row's start + its place in the row
+        where = np.repeat(self.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
         renumber = np.full(self.num_examples, -1, np.int64)
         renumber[np.asarray(examples, np.int64)] = np.arange(len(examples))
-        pieces = [self.row(r) for r in rows]
-        return Features.from_rows(pieces, [self.segments[self.offsets[r]:self.offsets[r + 1]] for r in rows],
-                                  [self.lengths[rows]], renumber[self.example_index[rows]], len(examples))
+        return Features(np.asarray(self.ids[where]), np.asarray(self.segments[where]), offsets,
+                        renumber[self.example_index[rows]], len(examples))
 
     def row(self, r: int) -> np.ndarray:
         return self.ids[self.offsets[r]:self.offsets[r + 1]]
 
     def __len__(self):
         return len(self.offsets) - 1
+
+
+def _offsets(lengths: list[np.ndarray]) -> np.ndarray:
+    """Row start positions [rows + 1] from pieces of consecutive row lengths."""
+    offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+    np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+    return offsets
 
 
 def _strip(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,7 +108,7 @@ def encode_file(tokenizer, path, read_options: dict, directory, **encode_options
     each example's label (one shared object per distinct label) and 8 bytes per row of offsets.
     Returns (labels, features), the same as read_examples + encode would give.
     """
-    from .data import iter_examples
+    from .data import iter_examples, uniform_labels
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -125,16 +134,13 @@ def encode_file(tokenizer, path, read_options: dict, directory, **encode_options
                 texts, pairs = [], []
         if texts:
             add(texts, pairs)
-    if any(isinstance(label, list) for label in labels):  # as read_examples: multi-label makes every label a list
-        labels = [label if isinstance(label, list) else [label] for label in labels]
+    labels = uniform_labels(labels)
 
     def mapped(name, dtype):
         size = (directory / name).stat().st_size
         return np.memmap(directory / name, dtype, mode="r") if size else np.zeros(0, dtype)
 
-    offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
-    np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    features = Features(mapped("ids.int32", np.int32), mapped("segments.int8", np.int8), offsets,
+    features = Features(mapped("ids.int32", np.int32), mapped("segments.int8", np.int8), _offsets(lengths),
                         np.concatenate(example_index), count)
     return labels, features
 

@@ -487,7 +487,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             f"({len(val_ex)} examples, seed {config.seed})")
     else:
         val_f = feats.encode(pretrained.tokenizer, val_ex.texts, val_ex.pairs, **encode_options)
-    train_rows = train_f.rows_of(kept) if len(kept) < train_f.num_examples else np.arange(len(train_f))
+    train_rows = train_f.rows_of(kept)
     y_train = y_all[kept]
     y_val = vocab.encode(val_ex.labels, source=val_ex.source)
     log(f"tokenized {len(kept)} training and {len(val_ex)} validation examples in {time.perf_counter() - t0:.1f}s "
