@@ -3,6 +3,7 @@
     .venv/bin/python bench/levers.py                             # training levers, L=128, B=32
     .venv/bin/python bench/levers.py --seq 32 --repeats 7
     .venv/bin/python bench/levers.py --inference --seq 512 --batches 32,8,2,1
+    .venv/bin/python bench/levers.py --settings default,inter-1,onednn-off --seq 128
 
 Training: every variant is MiniLM-L6 (the default model's weights) with bertfit's own training step
 (`Trainer._train_step`: forward, backward, clipping, AdamW, dropout 0.1), built in one process and
@@ -11,10 +12,24 @@ gives the median tok/s, the ratio to the first variant and the spread of the rou
 ((max - min) / median). Variants:
 
   bertfit         as shipped
-  keras-adamw     Keras's own AdamW update instead of the fused ResourceApplyAdam kernel
+  keras-adamw     Keras's own AdamW (clipping, weight decay and Adam as separate whole-tensor
+                  operations, the embedding gradient made dense) instead of bertfit's fused update
   autodiff-norm   TF's autodiff of LayerNorm and erf-GELU instead of the hand-written gradients
   no-dropout      dropout 0 (what dropout costs; not a recipe change we make)
   xla             the whole step XLA-compiled (`--jit`); one fixed shape, so no retracing cost here
+  frozen-words    the 30522 x 384 word-embedding table not trained: the most that a sparse (lazy)
+                  embedding update could save. The dense update (as in PyTorch's AdamW) turns the
+                  gathered rows' gradient into a full table and runs clipping, weight decay and Adam
+                  over all 11.7 M entries each step; a lazy update would touch only the batch's rows,
+                  but it is different math (rows not in the batch keep their momentum unapplied).
+
+Process settings (`--settings`): what can only be set before TensorFlow starts, one worker process
+per setting (bench/step.py's bertfit worker), asked in turn for a training step and an inference
+batch of 32 at `--seq`:
+
+  default         TensorFlow's choice (intra-op and inter-op pools sized to the cores)
+  inter-1         one inter-op thread (ops run one at a time, each using every core)
+  onednn-off      TF_ENABLE_ONEDNN_OPTS=0: Eigen kernels instead of oneDNN's
 
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
@@ -24,9 +39,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +53,12 @@ from step import batch_arrays as rows  # the same synthetic rows as bench/step.p
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla")
+TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words")
+SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None for TF's choice)
+    "default": ({}, None),
+    "inter-1": ({}, (0, 1)),
+    "onednn-off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, None),
+}
 
 
 def build_step(variant, batch):
@@ -55,12 +79,14 @@ def build_step(variant, batch):
             layer.rate = config.dropout
     model = BertClassifier(pre.encoder, 2, dropout=config.dropout)
     model(dummy_inputs())
+    if variant == "frozen-words":
+        pre.encoder.embeddings.word_embeddings.trainable = False
     clf = Classifier(model, pre.tokenizer, ["0", "1"], train_config=config)
     trainer = training.Trainer(clf, config, tf.distribute.get_strategy(), steps_per_epoch=10_000, class_weights=None)
 
     patches = []
     if variant == "keras-adamw":
-        patches.append((training.AdamW, "update_step", keras.optimizers.AdamW.update_step))
+        patches.append((training.AdamW, "_backend_apply_gradients", keras.optimizers.AdamW._backend_apply_gradients))
     if variant == "autodiff-norm":
         patches.append((modeling, "_tf_gelu_training", lambda x: 0.5 * x * (1.0 + tf.math.erf(x / 2 ** 0.5))))
         patches.append((modeling.LayerNorm, "call", lambda self, inputs, training=False:
@@ -91,6 +117,57 @@ def build_forward():
     return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
 
 
+def settings_worker(name):
+    """A bench/step.py bertfit worker under one process setting (the environment is set by the driver)."""
+    import tensorflow as tf
+
+    import step
+
+    threads = SETTINGS[name][1]
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+        tf.config.threading.set_inter_op_parallelism_threads(threads[1])
+    step.worker_main("bertfit")
+
+
+def run_settings(names, seq, batch, repeats):
+    """Round-robin over one worker process per setting: median training tok/s and inference ex/s."""
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    procs = {}
+    for name in names:
+        env = {**os.environ, **SETTINGS[name][0]}
+        procs[name] = subprocess.Popen([sys.executable, __file__, "--setting-worker", name], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+        json.loads(procs[name].stdout.readline() or "null")
+
+    def ask(name, **cmd):
+        procs[name].stdin.write(json.dumps(cmd) + "\n")
+        procs[name].stdin.flush()
+        line = procs[name].stdout.readline()
+        if not line:
+            raise SystemExit(f"the {name} worker died (exit {procs[name].wait()})")
+        return json.loads(line)
+
+    rates = {(n, op): [] for n in names for op in ("train", "infer")}
+    for r in range(repeats):
+        for op in ("train", "infer"):
+            for n in names:
+                seconds = ask(n, op=op, seq=seq, batch=batch, steps=2, warmup=2 if r == 0 else 0)["seconds"]
+                rates[n, op].append(batch * (seq if op == "train" else 1) / seconds)
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    print(f"\nprocess settings, MiniLM-L6, L={seq}, B={batch}, median of {repeats} rounds of 2 steps")
+    print(f"{'setting':<14}{'train tok/s':>12}{'ratio':>7}{'spread':>8}{'infer ex/s':>12}{'ratio':>7}{'spread':>8}")
+    base = {op: np.median(rates[names[0], op]) for op in ("train", "infer")}
+    for n in names:
+        cells = "".join(f"{np.median(rates[n, op]):>{w}.1f}{np.median(rates[n, op]) / base[op]:>7.2f}"
+                        f"{spread(rates[n, op]):>8}" for op, w in (("train", 12), ("infer", 12)))
+        print(f"{n:<14}{cells}")
+
+
 def spread(values):
     """(max - min) / median, as a percentage: how far apart the rounds were."""
     return f"{(max(values) - min(values)) / np.median(values):.0%}"
@@ -111,7 +188,11 @@ def main(argv=None):
     p.add_argument("--inference", action="store_true", help="time inference batch sizes instead of training levers")
     p.add_argument("--batches", default="32,8,2,1", help="--inference: batch sizes to compare")
     p.add_argument("--rows", type=int, default=64, help="--inference: rows per round")
+    p.add_argument("--settings", help=f"compare process settings instead: some of {','.join(SETTINGS)}")
+    p.add_argument("--setting-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.setting_worker:
+        return settings_worker(args.setting_worker)
 
     import tensorflow as tf
 
@@ -119,6 +200,8 @@ def main(argv=None):
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
     print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")
+    if args.settings:
+        return run_settings(args.settings.split(","), args.seq, args.batch, args.repeats)
 
     if args.inference:
         sizes = [int(b) for b in args.batches.split(",")]

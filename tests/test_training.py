@@ -154,32 +154,44 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model):
 
 
 def test_fused_adam_update_equals_keras_adamw():
-    """bertfit's AdamW (TF's fused Adam kernel) takes Keras AdamW's steps; LLRD scales the step."""
+    """bertfit's AdamW (one fused update per variable, the clipping norm taken on an embedding's summed
+    rows) takes Keras AdamW's steps, also for an embedding table's gradient with a row gathered twice;
+    LLRD scales the step."""
     import keras
     import tensorflow as tf
 
     from bertfit.training import AdamW
 
     rng = np.random.default_rng(0)
-    start = [rng.normal(size=(30, 8)).astype("float32"), rng.normal(size=(8,)).astype("float32")]
-    grads = [[rng.normal(size=a.shape).astype("float32") for a in start] for _ in range(5)]
+    start = [rng.normal(size=(30, 8)).astype("float32"), rng.normal(size=(8,)).astype("float32"),
+             rng.normal(size=(6, 4)).astype("float32")]
+    rows = tf.constant([0, 2, 2, 5, 0])  # gathered rows: 0 and 2 twice, as a repeated token would be
 
-    def train(cls, steps, **options):
-        variables = [keras.Variable(a, name=n) for a, n in zip(start, ("kernel", "bias"))]
+    def gradients():
+        dense = [rng.normal(size=a.shape).astype("float32") for a in start[:2]]
+        return dense + [tf.IndexedSlices(tf.constant(rng.normal(size=(5, 4)).astype("float32")), rows, tf.constant([6, 4]))]
+
+    grads = [gradients() for _ in range(5)]
+
+    def train(cls, steps, dense=False, **options):
+        variables = [keras.Variable(a, name=n) for a, n in zip(start, ("kernel", "bias", "table"))]
         options = {"epsilon": 1e-6, "global_clipnorm": 1.0, **options}
         opt = cls(learning_rate=1e-2, **{k: (v(variables) if callable(v) else v) for k, v in options.items()})
         opt.exclude_from_weight_decay(var_names=["bias"])
         opt.build(variables)
         step = tf.function(lambda g: opt.apply_gradients(zip(g, variables)))
         for g in grads[:steps]:
-            step([tf.constant(x) for x in g])
+            step([tf.convert_to_tensor(x) if dense or not isinstance(x, tf.IndexedSlices) else x for x in g])
         return [v.numpy() for v in variables]
 
-    for want, got in zip(train(keras.optimizers.AdamW, 5, weight_decay=0.01), train(AdamW, 5, weight_decay=0.01)):
+    # The reference gets the table's gradient as a dense table (Keras's own clipping would square the
+    # two copies of a repeated row apart, a smaller norm than the gradient's).
+    for want, got in zip(train(keras.optimizers.AdamW, 5, dense=True, weight_decay=0.01),
+                         train(AdamW, 5, weight_decay=0.01)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float rounding of a 1e-2 step
     # Adam's first step moves each weight by lr * sign(gradient) (for epsilon -> 0); a 0.5 multiplier halves that.
-    kernel, bias = train(AdamW, 1, weight_decay=0.0, epsilon=1e-12, global_clipnorm=None,
-                         lr_multipliers=lambda vs: {vs[0].path: 0.5})
+    kernel, bias, _ = train(AdamW, 1, weight_decay=0.0, epsilon=1e-12, global_clipnorm=None,
+                            lr_multipliers=lambda vs: {vs[0].path: 0.5})
     np.testing.assert_allclose(kernel - start[0], -0.5e-2 * np.sign(grads[0][0]), atol=1e-6)
     np.testing.assert_allclose(bias - start[1], -1e-2 * np.sign(grads[0][1]), atol=1e-6)
 
