@@ -30,9 +30,14 @@ batch of 32 at `--seq`:
   default         TensorFlow's choice (intra-op and inter-op pools sized to the cores)
   inter-1         one inter-op thread (ops run one at a time, each using every core)
   onednn-off      TF_ENABLE_ONEDNN_OPTS=0: Eigen kernels instead of oneDNN's
+  xla-auto        TensorFlow's XLA auto-clustering on the CPU: XLA compiles the clusters of ops it
+                  supports inside each graph (element-wise chains fused), the rest runs as usual
 
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
+With `--xla`: the same forward pass XLA-compiled (`jit_compile=True`) against it, at the first batch
+size, and the first call's time (XLA compiles once per input shape, so variable lengths would need
+fixed length buckets, each paying that compile once).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None
     "default": ({}, None),
     "inter-1": ({}, (0, 1)),
     "onednn-off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, None),
+    "xla-auto": ({"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, None),
 }
 
 
@@ -105,7 +111,9 @@ def build_step(variant, batch):
     return step
 
 
-def build_forward():
+def build_forward(xla=False):
+    import tensorflow as tf
+
     import bertfit
     from bertfit.classifier import Classifier
     from bertfit.config import TrainConfig
@@ -114,7 +122,9 @@ def build_forward():
     pre = bertfit.load_pretrained("minilm-l6")
     model = BertClassifier(pre.encoder, 2)
     model(dummy_inputs())
-    return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
+    forward = Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
+    return tf.function(forward.python_function, input_signature=forward.input_signature, autograph=False,
+                       jit_compile=True) if xla else forward
 
 
 def settings_worker(name):
@@ -188,6 +198,7 @@ def main(argv=None):
     p.add_argument("--inference", action="store_true", help="time inference batch sizes instead of training levers")
     p.add_argument("--batches", default="32,8,2,1", help="--inference: batch sizes to compare")
     p.add_argument("--rows", type=int, default=64, help="--inference: rows per round")
+    p.add_argument("--xla", action="store_true", help="--inference: plain vs XLA-compiled forward pass")
     p.add_argument("--settings", help=f"compare process settings instead: some of {','.join(SETTINGS)}")
     p.add_argument("--setting-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,25 +216,32 @@ def main(argv=None):
 
     if args.inference:
         sizes = [int(b) for b in args.batches.split(",")]
-        forward = build_forward()
         ids, seg, mask, _ = rows(args.rows, args.seq)
         n = len(ids)
+        plain = build_forward()  # name -> (forward function, batch size):
+        forwards = ({"plain": (plain, sizes[0]), "xla": (build_forward(xla=True), sizes[0])} if args.xla
+                    else {f"batch {size}": (plain, size) for size in sizes})
 
-        def run_all(size):
+        def run_all(name):
+            forward, size = forwards[name]
             for i in range(0, n, size):
                 forward(ids[i:i + size], seg[i:i + size], mask[i:i + size]).numpy()
 
-        for size in sizes:
-            run_all(size)  # trace and warm each shape
-        rates = {size: [] for size in sizes}
+        first = {}
+        for name in forwards:  # trace (and compile) each shape
+            t = time.perf_counter()
+            run_all(name)
+            first[name] = time.perf_counter() - t
+        rates = {name: [] for name in forwards}
         for _ in range(args.repeats):
-            for size in sizes:
-                time_rate(lambda: run_all(size), n, rates[size])
-        base = np.median(rates[sizes[0]])
+            for name in forwards:
+                time_rate(lambda: run_all(name), n, rates[name])
+        base = np.median(rates[next(iter(forwards))])
         print(f"\ninference, MiniLM-L6, L={args.seq}, {n} rows, median of {args.repeats} rounds")
-        print(f"{'batch':>6}{'ex/s':>10}{'ratio':>8}{'spread':>8}")
-        for size in sizes:
-            print(f"{size:>6}{np.median(rates[size]):>10.2f}{np.median(rates[size]) / base:>8.2f}{spread(rates[size]):>8}")
+        print(f"{'forward':<10}{'ex/s':>10}{'ratio':>8}{'spread':>8}{'first round s':>15}")
+        for name in forwards:
+            print(f"{name:<10}{np.median(rates[name]):>10.2f}{np.median(rates[name]) / base:>8.2f}"
+                  f"{spread(rates[name]):>8}{first[name]:>15.2f}")
         return
 
     variants = [v for v in args.variants.split(",") if v]
