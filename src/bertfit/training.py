@@ -337,7 +337,8 @@ class Trainer:
     def _accumulate(self, token_ids, segment_ids, padding_mask, labels, normalizer):
         loss, grads = self._gradients(token_ids, segment_ids, padding_mask, labels, normalizer)
         for acc, g in zip(self.accumulators, grads):
-            acc.assign_add(tf.convert_to_tensor(g))
+            # An embedding's gradient (gathered rows) is added row by row, not as a whole dense table.
+            acc.scatter_add(g) if isinstance(g, tf.IndexedSlices) else acc.assign_add(g)
         return loss
 
     def _apply(self):
