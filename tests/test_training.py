@@ -154,9 +154,8 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model):
 
 
 def test_fused_adam_update_equals_keras_adamw():
-    """bertfit's AdamW (one fused update per variable, the clipping norm taken on an embedding's summed
-    rows) takes Keras AdamW's steps, also for an embedding table's gradient with a row gathered twice;
-    LLRD scales the step."""
+    """bertfit's AdamW (one fused update per variable) takes Keras AdamW's steps, also for an embedding
+    table's gradient with a row gathered twice; LLRD scales the step."""
     import keras
     import tensorflow as tf
 
@@ -173,7 +172,7 @@ def test_fused_adam_update_equals_keras_adamw():
 
     grads = [gradients() for _ in range(5)]
 
-    def train(cls, steps, dense=False, **options):
+    def train(cls, steps, **options):
         variables = [keras.Variable(a, name=n) for a, n in zip(start, ("kernel", "bias", "table"))]
         options = {"epsilon": 1e-6, "global_clipnorm": 1.0, **options}
         opt = cls(learning_rate=1e-2, **{k: (v(variables) if callable(v) else v) for k, v in options.items()})
@@ -181,13 +180,11 @@ def test_fused_adam_update_equals_keras_adamw():
         opt.build(variables)
         step = tf.function(lambda g: opt.apply_gradients(zip(g, variables)))
         for g in grads[:steps]:
-            step([tf.convert_to_tensor(x) if dense or not isinstance(x, tf.IndexedSlices) else x for x in g])
+            step([x if isinstance(x, tf.IndexedSlices) else tf.constant(x) for x in g])
         return [v.numpy() for v in variables]
 
-    # The reference gets the table's gradient as a dense table (Keras's own clipping would square the
-    # two copies of a repeated row apart, a smaller norm than the gradient's).
-    for want, got in zip(train(keras.optimizers.AdamW, 5, dense=True, weight_decay=0.01),
-                         train(AdamW, 5, weight_decay=0.01)):
+    # Both clip by a norm that counts the two copies of a gathered row apart (see AdamW's docstring).
+    for want, got in zip(train(keras.optimizers.AdamW, 5, weight_decay=0.01), train(AdamW, 5, weight_decay=0.01)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float rounding of a 1e-2 step
     # Adam's first step moves each weight by lr * sign(gradient) (for epsilon -> 0); a 0.5 multiplier halves that.
     kernel, bias, _ = train(AdamW, 1, weight_decay=0.0, epsilon=1e-12, global_clipnorm=None,
