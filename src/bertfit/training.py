@@ -59,7 +59,7 @@ class AdamW(keras.optimizers.AdamW):
     way: about a dozen passes over memory per variable. Here scaling, weight decay and the Adam
     update run as one XLA-compiled loop over each variable (read var, m, v, gradient; write var, m,
     v), and the embedding's rows are summed before they become a table. Same math as Keras's AdamW
-    (a test compares them); on a 2-core CPU the embedding table's update takes ~50 instead of ~120 ms.
+    (a test compares them); what it is worth: bench/levers.py's keras-adamw row in bench/RESULTS.md.
 
     The clipping norm counts a token's gathered rows one by one, as Keras and Google's original BERT
     (tf.clip_by_global_norm on the gather's IndexedSlices) do; PyTorch sums a repeated token's rows
