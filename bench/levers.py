@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from step import _read  # a worker's next answer line (exits if the worker died)
 from step import batch_arrays as rows  # the same synthetic rows as bench/step.py
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -150,15 +151,12 @@ def run_settings(names, seq, batch, repeats):
         env = {**os.environ, **SETTINGS[name][0]}
         procs[name] = subprocess.Popen([sys.executable, __file__, "--setting-worker", name], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
-        json.loads(procs[name].stdout.readline() or "null")
+        _read(procs[name])  # its "ready" line
 
     def ask(name, **cmd):
         procs[name].stdin.write(json.dumps(cmd) + "\n")
         procs[name].stdin.flush()
-        line = procs[name].stdout.readline()
-        if not line:
-            raise SystemExit(f"the {name} worker died (exit {procs[name].wait()})")
-        return json.loads(line)
+        return json.loads(_read(procs[name]))
 
     rates = {(n, op): [] for n in names for op in ("train", "infer")}
     for r in range(repeats):
