@@ -22,6 +22,8 @@ gives the median tok/s, the ratio to the first variant and the spread of the rou
                   gathered rows' gradient into a full table and runs clipping, weight decay and Adam
                   over all 11.7 M entries each step; a lazy update would touch only the batch's rows,
                   but it is different math (rows not in the batch keep their momentum unapplied).
+  full-last-layer the last transformer layer computed at every position, as Hugging Face's
+                  classifiers do, instead of at [CLS] alone (all that [CLS] pooling reads from it)
 
 Process settings (`--settings`): what can only be set before TensorFlow starts, one worker process
 per setting (bench/step.py's bertfit worker), asked in turn for a training step and an inference
@@ -35,8 +37,9 @@ batch of 32 at `--seq`:
 
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
-With `--xla`: the same forward pass XLA-compiled (`jit_compile=True`) against it, at the first batch
-size, and the first call's time (XLA compiles once per input shape, so variable lengths would need
+With `--full-last-layer`: the same forward pass with the last layer computed at every position
+against it, at the first batch size. With `--xla`: the same forward pass XLA-compiled
+(`jit_compile=True`) against it, at the first batch size, and the first call's time (XLA compiles once per input shape, so variable lengths would need
 fixed length buckets, each paying that compile once).
 """
 
@@ -59,7 +62,7 @@ from step import batch_arrays as rows  # the same synthetic rows as bench/step.p
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words")
+TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words", "full-last-layer")
 SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None for TF's choice)
     "default": ({}, None),
     "inter-1": ({}, (0, 1)),
@@ -84,7 +87,8 @@ def build_step(variant, batch):
     for layer in pre.encoder._flatten_layers():
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = config.dropout
-    model = BertClassifier(pre.encoder, 2, dropout=config.dropout)
+    cls = full_last_layer_classifier() if variant == "full-last-layer" else BertClassifier
+    model = cls(pre.encoder, 2, dropout=config.dropout)
     model(dummy_inputs())
     if variant == "frozen-words":
         pre.encoder.embeddings.word_embeddings.trainable = False
@@ -112,7 +116,20 @@ def build_step(variant, batch):
     return step
 
 
-def build_forward(xla=False):
+def full_last_layer_classifier():
+    from bertfit.modeling import BertClassifier
+
+    class FullLastLayer(BertClassifier):
+        """[CLS] pooling with the last layer computed at every position (bertfit before 2026-11-24)."""
+
+        def call(self, inputs, training=False):
+            pooled = self.encoder(inputs, training=training)["pooled_output"]
+            return self.classifier(self.dropout(pooled, training=training))
+
+    return FullLastLayer
+
+
+def build_forward(xla=False, full_last_layer=False):
     import tensorflow as tf
 
     import bertfit
@@ -121,7 +138,7 @@ def build_forward(xla=False):
     from bertfit.modeling import BertClassifier, dummy_inputs
 
     pre = bertfit.load_pretrained("minilm-l6")
-    model = BertClassifier(pre.encoder, 2)
+    model = (full_last_layer_classifier() if full_last_layer else BertClassifier)(pre.encoder, 2)
     model(dummy_inputs())
     forward = Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
     return tf.function(forward.python_function, input_signature=forward.input_signature, autograph=False,
@@ -197,6 +214,8 @@ def main(argv=None):
     p.add_argument("--batches", default="32,8,2,1", help="--inference: batch sizes to compare")
     p.add_argument("--rows", type=int, default=64, help="--inference: rows per round")
     p.add_argument("--xla", action="store_true", help="--inference: plain vs XLA-compiled forward pass")
+    p.add_argument("--full-last-layer", action="store_true",
+                   help="--inference: [CLS]-only last layer (plain) vs the last layer at every position")
     p.add_argument("--settings", help=f"compare process settings instead: some of {','.join(SETTINGS)}")
     p.add_argument("--setting-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,8 +236,14 @@ def main(argv=None):
         ids, seg, mask, _ = rows(args.rows, args.seq)
         n = len(ids)
         plain = build_forward()  # name -> (forward function, batch size):
-        forwards = ({"plain": (plain, sizes[0]), "xla": (build_forward(xla=True), sizes[0])} if args.xla
-                    else {f"batch {size}": (plain, size) for size in sizes})
+        if args.xla or args.full_last_layer:
+            forwards = {"plain": (plain, sizes[0])}
+            if args.full_last_layer:
+                forwards["full-last"] = (build_forward(full_last_layer=True), sizes[0])
+            if args.xla:
+                forwards["xla"] = (build_forward(xla=True), sizes[0])
+        else:
+            forwards = {f"batch {size}": (plain, size) for size in sizes}
 
         def run_all(name):
             forward, size = forwards[name]

@@ -1,5 +1,6 @@
 """The encoder: shapes, masking, canonical weights, and parity with Hugging Face's BertModel."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,32 @@ def test_mean_pooling_head_ignores_padding():
         BertClassifier(encoder, num_labels=3, pooling="max")
 
 
+def test_first_only_last_layer_gives_the_same_logits_and_gradients():
+    """A [CLS]-pooled classifier's last layer computes position 0 alone: same outputs, same gradients."""
+    import keras
+    import tensorflow as tf
+
+    inputs = batch(np.arange(1, 25).reshape(3, 8) % 97 + 1, [8, 5, 2])
+    encoder = build_encoder(dataclasses.replace(TINY, hidden_dropout=0.0, attention_dropout=0.0))
+    model = BertClassifier(encoder, num_labels=3, dropout=0.0)
+    labels = tf.constant([0, 2, 1])
+
+    def logits_and_grads(first_only):
+        with tf.GradientTape() as tape:
+            out = encoder(inputs, training=True, first_only=first_only)
+            logits = model.classifier(out["pooled_output"])
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        return logits, tape.gradient(loss, model.trainable_variables)
+
+    full, full_grads = logits_and_grads(False)
+    first, first_grads = logits_and_grads(True)
+    np.testing.assert_allclose(first, full, atol=1e-5)
+    np.testing.assert_allclose(model(inputs), full, atol=1e-5)  # the classifier takes this path
+    for var, a, b in zip(model.trainable_variables, first_grads, full_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b), atol=1e-6, err_msg=var.path)
+    assert np.abs(tf.convert_to_tensor(full_grads[0])).max() > 0  # the test compares real gradients
+
+
 def test_mixed_precision_bf16_runs_and_stays_close():
     import keras
 
@@ -155,3 +182,8 @@ def test_parity_with_reference_minilm():
     seq_diff = np.abs(np.asarray(out["sequence_output"]) - ref["last_hidden_state"])[real].max()
     pooled_diff = np.abs(np.asarray(out["pooled_output"]) - ref["pooled_output"]).max()
     assert seq_diff <= 1e-4 and pooled_diff <= 1e-4, (seq_diff, pooled_diff)
+    # What a [CLS]-pooled classifier runs: the last layer computes [CLS] alone.
+    first = encoder({k: ref[k] for k in ("token_ids", "segment_ids", "padding_mask")}, first_only=True)
+    assert first["sequence_output"].shape[1] == 1
+    np.testing.assert_allclose(np.asarray(first["sequence_output"])[:, 0], ref["last_hidden_state"][:, 0], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(first["pooled_output"]), ref["pooled_output"], atol=1e-4)

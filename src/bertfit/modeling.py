@@ -221,11 +221,23 @@ class TransformerLayer(keras.layers.Layer):
                             (self.output_norm, h)):
             layer.build((None, None, n_in))
 
-    def call(self, x, attention_bias, training=False):
+    def call(self, x, attention_bias, training=False, first_only=False):
+        """first_only: return only position 0 ([CLS]), attending to every position, for [batch, 1, h]:
+        what a [CLS]-pooled classifier needs from its last layer (TF Model Garden's `output_range=1`)."""
         batch, seq = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (batch, seq, 3, self.num_heads, self.head_size))
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, batch, heads, seq, head_size]
-        q, k, v = qkv[0] * (1.0 / math.sqrt(self.head_size)), qkv[1], qkv[2]
+        if first_only:
+            h = self.num_heads * self.head_size
+            kernel, bias = self.qkv.kernel, self.qkv.bias
+            q = ops.matmul(x[:, :1], kernel[:, :h]) + bias[:h]
+            kv = ops.matmul(x, kernel[:, h:]) + bias[h:]
+            q = ops.transpose(ops.reshape(q, (batch, 1, 1, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))[0]
+            kv = ops.transpose(ops.reshape(kv, (batch, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
+            q, k, v = q * (1.0 / math.sqrt(self.head_size)), kv[0], kv[1]
+            x, seq = x[:, :1], 1
+        else:
+            qkv = ops.reshape(self.qkv(x), (batch, seq, 3, self.num_heads, self.head_size))
+            qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, batch, heads, seq, head_size]
+            q, k, v = qkv[0] * (1.0 / math.sqrt(self.head_size)), qkv[1], qkv[2]
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # [batch, heads, seq, seq]
         # Softmax in float32 so that mixed precision neither overflows nor loses the mask.
         # (Keras autocasts float inputs to the layer's compute dtype, so the bias is cast back too.)
@@ -257,14 +269,17 @@ class BertEncoder(keras.Model):
                                          name="pooler")
         self.pooler.build((None, config.hidden_size))
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, first_only=False):
+        """first_only=True: the last layer computes position 0 alone, so sequence_output is [batch, 1, h]
+        and pooled_output is unchanged (for MiniLM-L6 at length 128, 14 % fewer matmul FLOPs)."""
         token_ids = inputs["token_ids"]
         mask = ops.cast(inputs["padding_mask"], "float32")
         # Additive mask [batch, 1, 1, seq]: padded keys get -1e9 before the softmax.
         attention_bias = ops.expand_dims(ops.expand_dims((1.0 - mask) * -1e9, 1), 1)
         x = self.embeddings(token_ids, inputs["segment_ids"], training=training)
-        for layer in self.encoder_layers:
-            x = layer(x, attention_bias, training=training)
+        last = len(self.encoder_layers) - 1
+        for n, layer in enumerate(self.encoder_layers):
+            x = layer(x, attention_bias, training=training, first_only=first_only and n == last)
         pooled = self.pooler(x[:, 0])
         return {"sequence_output": x, "pooled_output": pooled}
 
@@ -371,7 +386,8 @@ class BertClassifier(keras.Model):
         self.classifier.build((None, encoder.config.hidden_size))
 
     def call(self, inputs, training=False):
-        outputs = self.encoder(inputs, training=training)
+        # [CLS] pooling reads nothing else from the last layer, so it computes nothing else there.
+        outputs = self.encoder(inputs, training=training, first_only=self.pooling == "cls")
         if self.pooling == "cls":
             pooled = outputs["pooled_output"]
         else:
