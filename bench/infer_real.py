@@ -4,6 +4,7 @@
     .venv-bench/bin/python bench/infer_real.py   # SST-2 dev (872) and 2,000 IMDB test reviews
     .venv-bench/bin/python bench/infer_real.py --repeats 1 --imdb 200   # a quick check
     .venv-bench/bin/python bench/infer_real.py --tasks sst2             # SST-2 dev only
+    .venv-bench/bin/python bench/infer_real.py --sides bertfit,bertfit-jit,torch   # also `predict --jit`
 
 Both sides do the whole job of `bertfit predict RUN --input FILE --output OUT.jsonl`: read the file,
 tokenize, sort by length, batch (32; on a CPU bertfit splits batches of long rows further, down to
@@ -88,11 +89,12 @@ def make_runs(tmp: Path):
 # -- one job per process ------------------------------------------------------------------
 
 
-def job_bertfit(run, input_path, output):
+def job_bertfit(run, input_path, output, jit=False):
     import bertfit
     from bertfit.predict import predict_file
 
     clf = bertfit.load(run)
+    clf.jit = jit  # bertfit-jit: `bertfit predict --jit` (XLA, compile time included in the job)
     loaded = time.perf_counter()
     n = predict_file(clf, input_path, output, batch_size=BATCH)
     return loaded, n
@@ -145,8 +147,8 @@ def job_torch(task, run, input_path, output):
 
 
 def worker(args):
-    if args.side == "bertfit":
-        loaded, n = job_bertfit(args.run, args.input, args.output)
+    if args.side.startswith("bertfit"):
+        loaded, n = job_bertfit(args.run, args.input, args.output, jit=args.side == "bertfit-jit")
     else:
         loaded, n = job_torch(args.task, args.run, args.input, args.output)
     done = time.perf_counter()
@@ -166,6 +168,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--imdb", type=int, default=2000, help="IMDB test reviews (balanced)")
     p.add_argument("--tasks", default=",".join(TASKS), help="which data sets, comma-separated (sst2,imdb)")
+    p.add_argument("--sides", default="bertfit,torch", help="bertfit, bertfit-jit (predict --jit), torch")
     p.add_argument("--side"), p.add_argument("--task"), p.add_argument("--run")
     p.add_argument("--input"), p.add_argument("--output")
     args = p.parse_args()
@@ -178,9 +181,10 @@ def main():
         runs = make_runs(tmp)
         results = {}
         tasks = [t for t in TASKS if t in args.tasks.split(",")]
+        sides = args.sides.split(",")
         for task in tasks:
             for r in range(args.repeats):
-                for side in ("bertfit", "torch"):
+                for side in sides:
                     out = tmp / f"{side}_{task}.jsonl"
                     cmd = [sys.executable, __file__, "--side", side, "--task", task, "--run", str(runs[task]),
                            "--input", str(inputs[task]), "--output", str(out)]
@@ -191,9 +195,9 @@ def main():
                     answer = json.loads(proc.stdout.strip().splitlines()[-1])
                     print(f"{task} repeat {r + 1} {side}: {answer}", file=sys.stderr, flush=True)
                     results.setdefault((task, side), []).append(answer)
-            agree = compare(tmp / f"bertfit_{task}.jsonl", tmp / f"torch_{task}.jsonl")
-            results[(task, "agree")] = agree
-        print_table(results, tasks)
+            results[(task, "agree")] = {side: compare(tmp / f"{side}_{task}.jsonl", tmp / f"torch_{task}.jsonl")
+                                        for side in sides if side != "torch"}
+        print_table(results, tasks, sides)
 
 
 def compare(a, b):
@@ -203,21 +207,22 @@ def compare(a, b):
     return float(np.max(np.abs(np.array(pa) - np.array(pb))))
 
 
-def print_table(results, tasks):
+def print_table(results, tasks, sides):
     print("| data | side | rows | job time (median) | ex/s | ÷ HF | load (imports + model) | peak RSS | RSS ÷ HF |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for task in tasks:
         med = {s: {k: statistics.median(a[k] for a in results[(task, s)]) for k in ("job_s", "load_s", "rss_mb")}
-               for s in ("bertfit", "torch")}
-        rows = results[(task, "bertfit")][0]["rows"]
-        for side in ("bertfit", "torch"):
+               for s in sides}
+        rows = results[(task, "torch")][0]["rows"]
+        for side in sides:
             m = med[side]
-            name = "bertfit predict" if side == "bertfit" else "HF PyTorch"
+            name = {"bertfit": "bertfit predict", "bertfit-jit": "bertfit predict --jit"}.get(side, "HF PyTorch")
             print(f"| {task} | {name} | {rows:,} | {m['job_s']:.1f} s | {rows / m['job_s']:.1f} | "
                   f"{med['torch']['job_s'] / m['job_s']:.2f}x | {m['load_s']:.1f} s | {m['rss_mb']:,.0f} MB | "
                   f"{m['rss_mb'] / med['torch']['rss_mb']:.2f}x |")
     for task in tasks:
-        print(f"\n{task}: largest |P(1)| difference between the two sides' outputs: {results[(task, 'agree')]:.1e}")
+        for side, diff in results[(task, "agree")].items():
+            print(f"\n{task}: largest |P(1)| difference between {side} and HF PyTorch: {diff:.1e}")
 
 
 if __name__ == "__main__":

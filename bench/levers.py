@@ -130,8 +130,6 @@ def full_last_layer_classifier():
 
 
 def build_forward(xla=False, full_last_layer=False):
-    import tensorflow as tf
-
     import bertfit
     from bertfit.classifier import Classifier
     from bertfit.config import TrainConfig
@@ -140,9 +138,7 @@ def build_forward(xla=False, full_last_layer=False):
     pre = bertfit.load_pretrained("minilm-l6")
     model = (full_last_layer_classifier() if full_last_layer else BertClassifier)(pre.encoder, 2)
     model(dummy_inputs())
-    forward = Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
-    return tf.function(forward.python_function, input_signature=forward.input_signature, autograph=False,
-                       jit_compile=True) if xla else forward
+    return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn(jit=xla)
 
 
 def settings_worker(name):

@@ -8,7 +8,7 @@ import pytest
 
 import bertfit
 from bertfit.cli import main
-from conftest import sentiment_rows, write_tsv
+from conftest import EDGE_TEXTS, random_run, sentiment_rows, write_tsv
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,27 @@ def test_unknown_config_key(capsys, tmp_path, files, tiny_model):
     cfg.write_text("learning_rat: 0.001\n")
     code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", tmp_path / "r", "--config", cfg)
     assert code == 2 and "did you mean learning_rate" in err
+
+
+def test_xla_inference_equals_the_plain_forward_pass(capsys, tmp_path, tiny_model):
+    """--jit pads batches to a few shapes for XLA; the answers stay those of the plain pass."""
+    import numpy as np
+
+    run_dir = random_run(tiny_model, tmp_path)
+    clf = bertfit.load(run_dir)
+    texts = EDGE_TEXTS + [" ".join(["good"] * n) for n in (3, 9, 17, 25, 40)]
+    features = clf.encode(texts)
+    plain = clf.predict_features(features, batch_size=3)
+    jitted = clf.predict_features(features, batch_size=3, jit=True)  # several lengths, a partial last batch
+    assert np.ptp(plain[:, 0]) > 1e-3  # the answers differ from text to text: the comparison means something
+    np.testing.assert_allclose(jitted, plain, atol=1e-5)
+    compiled = clf.forward_fn(jit=True).experimental_get_tracing_count()
+    assert compiled == 1  # one trace; XLA compiles each padded shape under it
+
+    code, stdout, err = run(capsys, "predict", run_dir, *texts[-3:], "--jit")
+    assert code == 0, err
+    got = [json.loads(line)["probabilities"] for line in stdout.splitlines()]
+    np.testing.assert_allclose([list(p.values()) for p in got], plain[-3:], atol=1e-5)
 
 
 def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):

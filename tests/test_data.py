@@ -461,3 +461,11 @@ def test_batch_plans_cover_every_row_once_with_little_padding():
     assert all(len(b) == 1 or len(b) * lengths[b].max() ** 2 <= budget for b in infer)
     assert len(infer[0]) == 2 and max(map(len, infer)) == 32
     assert [len(b) for b in batch_plan(lengths, 32, shuffle=False)][:-1] == [32] * 31
+
+    # XLA inference: lengths padded to multiples of 16, never past the model's positions.
+    from bertfit.features import padded_length
+
+    assert [padded_length(n, 16) for n in (1, 16, 17, 500)] == [16, 16, 32, 512]
+    assert padded_length(500, 16, cap=510) == 510 and padded_length(20, 16, cap=24) == 24
+    stepped = batch_plan(lengths, 32, shuffle=False, max_scores=budget, length_step=16)
+    assert all(len(b) == 1 or len(b) * padded_length(lengths[b].max(), 16) ** 2 <= budget for b in stepped)

@@ -97,6 +97,11 @@ def options_from(args, fields) -> dict:
     return {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
 
 
+JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padded to a multiple of 16): "
+                      "each distinct length costs seconds of compiling, so it pays only on jobs of many "
+                      "thousands of rows")
+
+
 def cmd_train(args):
     from .training import fine_tune
 
@@ -138,6 +143,7 @@ def cmd_evaluate(args):
     from .evaluation import classification_metrics, worst_errors
 
     clf = load(args.run)
+    clf.jit = args.jit
     read = options_from(args, dataclasses.fields(DataConfig))
     data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
     y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data.source)
@@ -165,6 +171,7 @@ def cmd_predict(args):
     from .classifier import load
 
     clf = load(args.run)
+    clf.jit = args.jit
     if args.input:
         from .predict import predict_file
 
@@ -245,6 +252,7 @@ def build_parser():
     e.add_argument("data")
     e.add_argument("--errors", type=int, default=0, metavar="N", help="also list the N most confident mistakes")
     e.add_argument("--json", action="store_true", help="print metrics.json-style output")
+    e.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -254,6 +262,7 @@ def build_parser():
     r.add_argument("--input", help="data file to classify (streamed; any size)")
     r.add_argument("--output", help="JSONL file to write: one {label, probabilities} per input row")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(r, with_label=False)
     r.set_defaults(func=cmd_predict)
 

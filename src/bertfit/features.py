@@ -168,13 +168,14 @@ def _windows(tokenizer, texts, max_length, stride) -> Features:
 
 
 def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-               group: int = 50, max_scores: int | None = None) -> list[np.ndarray]:
+               group: int = 50, max_scores: int | None = None, length_step: int = 1) -> list[np.ndarray]:
     """Row indices of each batch.
 
     Training (shuffle=True): a seeded shuffle, then rows sorted by length inside groups of
     `group` batches, then the batch order shuffled: batches hold rows of similar length (little
     padding) while every epoch still sees a different mix. Inference: sorted by length, and with
-    `max_scores`, batches of long rows shrink so that rows x length^2 stays within it.
+    `max_scores`, batches of long rows shrink so that rows x length^2 stays within it (the length
+    rounded up to a multiple of `length_step`, as pad_batch will pad it).
     """
     n = len(lengths)
     if not shuffle:
@@ -183,7 +184,8 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
             return [order[i:i + batch_size] for i in range(0, n, batch_size)]
         batches, i = [], 0
         while i < n:  # longest first: each batch as large as the score budget allows
-            rows = max(1, min(batch_size, max_scores // max(1, int(lengths[order[i]]) ** 2)))
+            length = padded_length(int(lengths[order[i]]), length_step)
+            rows = max(1, min(batch_size, max_scores // length ** 2))
             batches.append(order[i:i + rows])
             i += rows
         return batches
@@ -197,12 +199,20 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def pad_batch(features: Features, rows: np.ndarray, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pad the given rows to the longest of them."""
+def padded_length(longest: int, step: int = 1, cap: int | None = None) -> int:
+    """`longest` rounded up to a multiple of `step`, but not beyond `cap` (the model's positions)."""
+    length = -(-max(1, longest) // step) * step
+    return max(longest, min(length, cap)) if cap else length
+
+
+def pad_batch(features: Features, rows: np.ndarray, pad_id: int = 0, length_step: int = 1,
+              max_positions: int | None = None) -> dict[str, np.ndarray]:
+    """Pad the given rows to the longest of them, rounded up to a multiple of `length_step`
+    (at most `max_positions`)."""
     rows = np.asarray(rows)
     starts = features.offsets[rows]
     lengths = features.offsets[rows + 1] - starts
-    mask = np.arange(lengths.max()) < lengths[:, None]
+    mask = np.arange(padded_length(int(lengths.max()), length_step, max_positions)) < lengths[:, None]
     where = (starts[:, None] + np.arange(mask.shape[1]))[mask]  # each kept position's index in the flat arrays
     token_ids = np.full(mask.shape, pad_id, "int32")
     token_ids[mask] = features.ids[where]
