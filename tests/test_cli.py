@@ -121,6 +121,30 @@ def test_xla_inference_equals_the_plain_forward_pass(capsys, tmp_path, tiny_mode
     np.testing.assert_allclose([list(p.values()) for p in got], plain[-3:], atol=1e-5)
 
 
+def test_jit_keeps_compiled_programs_between_processes(tmp_path, tiny_model):
+    """`predict --jit` in a fresh process stores XLA's programs in $BERTFIT_XLA_CACHE; the next process reuses them."""
+    import subprocess
+    import sys
+
+    run_dir = random_run(tiny_model, tmp_path)
+    cache = tmp_path / "xla-cache"
+    env = {**os.environ, "BERTFIT_XLA_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_XLA_FLAGS", None)
+    command = [sys.executable, "-m", "bertfit.cli", "predict", str(run_dir), "a great film", "--jit"]
+    answers = []
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        answers.append(json.loads(done.stdout.splitlines()[-1]))
+        if len(answers) == 1:
+            kept = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+            assert kept and all(name.startswith("xla_compile_cache") for name in kept)
+    # The second process loaded them: a compile would have written (replaced) a file.
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == kept
+    assert answers[0] == answers[1]
+    assert answers[0]["label"] == bertfit.load(run_dir).predict(["a great film"])[0]["label"]
+
+
 def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     out = tmp_path / "run"
     code, stdout, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", out, "--epochs", "1",

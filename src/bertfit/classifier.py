@@ -39,6 +39,30 @@ def dump_yaml(obj) -> str:
 JIT_LENGTH_STEP = 16  # with XLA inference, batch lengths are padded to a multiple of this
 
 
+def keep_xla_programs(directory=None) -> Path | None:
+    """Have TensorFlow keep the programs XLA compiles on disk, so that `--jit` inference compiles each
+    batch shape once per machine instead of once per process (TF's persistent compilation cache).
+
+    The folder: `directory`, else $BERTFIT_XLA_CACHE, else ~/.cache/bertfit/xla. TensorFlow reads
+    TF_XLA_FLAGS once, when it starts, so this works only before then (the CLI calls it first) and
+    leaves a cache directory the user set in TF_XLA_FLAGS alone. Returns the folder, or None.
+    """
+    import sys
+
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tensorflow" in sys.modules or "tf_xla_persistent_cache_directory" in flags:
+        return None
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = Path(directory or os.environ.get("BERTFIT_XLA_CACHE") or cache_home / "bertfit" / "xla")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # no cache: each process compiles again
+    os.environ["TF_XLA_FLAGS"] = (f"{flags} --tf_xla_persistent_cache_directory={directory} "
+                                  "--tf_xla_persistent_cache_device_types=CPU,GPU").strip()
+    return directory
+
+
 class Classifier:
     """A fine-tuned BERT classifier. Binary tasks are 2-class softmax; multi-label is a sigmoid per label."""
 
@@ -106,10 +130,10 @@ class Classifier:
 
         jit (default: self.jit): XLA-compile the forward pass. XLA compiles once per input shape
         (a second or more each for MiniLM on a CPU), so batches are padded to a few shapes: lengths
-        to a multiple of JIT_LENGTH_STEP, and the last batch's rows up to the batch size. That pays
-        on long jobs only: on the 2-core test machine the compiled pass is ~1.18x faster, but 2,000
-        IMDB reviews (lengths spread up to 512) took longer than the plain pass (bench/RESULTS.md).
-        """
+        to a multiple of JIT_LENGTH_STEP, and the last batch's rows up to the batch size. On the 2-core
+        test machine the compiled pass is ~1.18x faster, but compiling 2,000 IMDB reviews' lengths
+        (spread up to 512) cost more than that saved; keep_xla_programs keeps them for the next
+        process (bench/RESULTS.md)."""
         jit = self.jit if jit is None else jit
         forward = self.forward_fn(jit)
         step = JIT_LENGTH_STEP if jit else 1

@@ -97,9 +97,9 @@ def options_from(args, fields) -> dict:
     return {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
 
 
-JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padded to a multiple of 16): "
-                      "each distinct length costs seconds of compiling, so it pays only on jobs of many "
-                      "thousands of rows")
+JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padded to a multiple of 16) "
+                      "and machine: the compiled programs are kept in ~/.cache/bertfit/xla "
+                      "($BERTFIT_XLA_CACHE), so only a shape's first use pays its seconds of compiling")
 
 
 def cmd_train(args):
@@ -137,11 +137,13 @@ def cmd_demo(args):
 
 
 def cmd_evaluate(args):
-    from .classifier import load
+    from .classifier import keep_xla_programs, load
 
     from .data import LabelVocab, input_options, read_examples
     from .evaluation import classification_metrics, worst_errors
 
+    if args.jit:
+        keep_xla_programs()
     clf = load(args.run)
     clf.jit = args.jit
     read = options_from(args, dataclasses.fields(DataConfig))
@@ -168,8 +170,10 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from .classifier import load
+    from .classifier import keep_xla_programs, load
 
+    if args.jit:
+        keep_xla_programs()
     clf = load(args.run)
     clf.jit = args.jit
     if args.input:
