@@ -131,9 +131,9 @@ class Classifier:
         jit (default: self.jit): XLA-compile the forward pass. XLA compiles once per input shape
         (a second or more each for MiniLM on a CPU), so batches are padded to a few shapes: lengths
         to a multiple of JIT_LENGTH_STEP, and the last batch's rows up to the batch size. On the 2-core
-        test machine the compiled pass is ~1.18x faster, but compiling 2,000 IMDB reviews' lengths
-        (spread up to 512) cost more than that saved; keep_xla_programs keeps them for the next
-        process (bench/RESULTS.md)."""
+        test machine the compiled pass is ~1.18x faster on a fixed shape, but on real jobs (SST-2 dev,
+        2,000 IMDB reviews) compiling, or loading what keep_xla_programs kept, and the extra padding
+        cost as much as it saved (bench/RESULTS.md): meant for accelerators and long fixed-shape jobs."""
         jit = self.jit if jit is None else jit
         forward = self.forward_fn(jit)
         step = JIT_LENGTH_STEP if jit else 1

@@ -99,7 +99,8 @@ def options_from(args, fields) -> dict:
 
 JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padded to a multiple of 16) "
                       "and machine: the compiled programs are kept in ~/.cache/bertfit/xla "
-                      "($BERTFIT_XLA_CACHE), so only a shape's first use pays its seconds of compiling")
+                      "($BERTFIT_XLA_CACHE), so only a shape's first use pays its seconds of compiling; "
+                      "for accelerators and long fixed-shape jobs (on a CPU, real jobs measured slower)")
 
 
 def cmd_train(args):
