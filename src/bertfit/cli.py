@@ -137,16 +137,22 @@ def cmd_demo(args):
     print_summary(clf.metrics, args.out)
 
 
-def cmd_evaluate(args):
+def load_for_inference(args):
+    """The run folder's classifier, with --jit's XLA program cache set up before TensorFlow starts."""
     from .classifier import keep_xla_programs, load
-
-    from .data import LabelVocab, input_options, read_examples
-    from .evaluation import classification_metrics, worst_errors
 
     if args.jit:
         keep_xla_programs()
     clf = load(args.run)
     clf.jit = args.jit
+    return clf
+
+
+def cmd_evaluate(args):
+    from .data import LabelVocab, input_options, read_examples
+    from .evaluation import classification_metrics, worst_errors
+
+    clf = load_for_inference(args)
     read = options_from(args, dataclasses.fields(DataConfig))
     data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
     y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data.source)
@@ -171,12 +177,7 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from .classifier import keep_xla_programs, load
-
-    if args.jit:
-        keep_xla_programs()
-    clf = load(args.run)
-    clf.jit = args.jit
+    clf = load_for_inference(args)
     if args.input:
         from .predict import predict_file
 
