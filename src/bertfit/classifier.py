@@ -144,8 +144,7 @@ class Classifier:
             b = feats.pad_batch(features, rows, self.tokenizer.pad_id, length_step=step,
                                 max_positions=self.encoder_config.max_positions)
             if jit:  # the row count the plan gives every full batch of this length
-                length = b["token_ids"].shape[1]
-                full = size if not budget else max(1, min(size, budget // length ** 2))
+                full = feats.rows_within(budget, b["token_ids"].shape[1], size)
                 b = {k: np.pad(v, ((0, full - len(rows)), (0, 0))) for k, v in b.items()}
             out[rows] = forward(b["token_ids"], b["segment_ids"], b["padding_mask"]).numpy()[:len(rows)]
         return feats.per_example(out, features)

@@ -184,8 +184,7 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
             return [order[i:i + batch_size] for i in range(0, n, batch_size)]
         batches, i = [], 0
         while i < n:  # longest first: each batch as large as the score budget allows
-            length = padded_length(int(lengths[order[i]]), length_step)
-            rows = max(1, min(batch_size, max_scores // length ** 2))
+            rows = rows_within(max_scores, padded_length(int(lengths[order[i]]), length_step), batch_size)
             batches.append(order[i:i + rows])
             i += rows
         return batches
@@ -197,6 +196,11 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
         order[i:i + span] = chunk[np.argsort(-lengths[chunk], kind="stable")]
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def rows_within(max_scores: int | None, length: int, batch_size: int) -> int:
+    """The most rows of `length` (at least 1, at most batch_size) whose rows x length^2 fit max_scores."""
+    return batch_size if not max_scores else max(1, min(batch_size, max_scores // length ** 2))
 
 
 def padded_length(longest: int, step: int = 1, cap: int | None = None) -> int:

@@ -230,7 +230,7 @@ class TransformerLayer(keras.layers.Layer):
             kernel, bias = self.qkv.kernel, self.qkv.bias
             q = ops.matmul(x[:, :1], kernel[:, :h]) + bias[:h]
             kv = ops.matmul(x, kernel[:, h:]) + bias[h:]
-            q = ops.transpose(ops.reshape(q, (batch, 1, 1, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))[0]
+            q = ops.reshape(q, (batch, self.num_heads, 1, self.head_size))  # one position: no transpose needed
             kv = ops.transpose(ops.reshape(kv, (batch, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
             q, k, v = q * (1.0 / math.sqrt(self.head_size)), kv[0], kv[1]
             x, seq = x[:, :1], 1
