@@ -24,16 +24,20 @@ gives the median tok/s, the ratio to the first variant and the spread of the rou
                   but it is different math (rows not in the batch keep their momentum unapplied).
   full-last-layer the last transformer layer computed at every position, as Hugging Face's
                   classifiers do, instead of at [CLS] alone (all that [CLS] pooling reads from it)
+  sliced-qkv      query, key and value taken from the fused projection by slicing (qkv[0], qkv[1],
+                  qkv[2]) instead of unstack: each slice's gradient is a zero-filled full-size copy
 
 Process settings (`--settings`): what can only be set before TensorFlow starts, one worker process
 per setting (bench/step.py's bertfit worker), asked in turn for a training step and an inference
 batch of 32 at `--seq`:
 
-  default         TensorFlow's choice (intra-op and inter-op pools sized to the cores)
+  default         as bertfit runs: TensorFlow's thread pools, its pooled (BFC) CPU allocator
   inter-1         one inter-op thread (ops run one at a time, each using every core)
   onednn-off      TF_ENABLE_ONEDNN_OPTS=0: Eigen kernels instead of oneDNN's
   xla-auto        TensorFlow's XLA auto-clustering on the CPU: XLA compiles the clusters of ops it
                   supports inside each graph (element-wise chains fused), the rest runs as usual
+  malloc          TF_CPU_ALLOCATOR_USE_BFC=false: TensorFlow's default CPU allocator, which hands each
+                  large freed tensor back to the OS (page faults on the next allocation)
 
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
@@ -62,12 +66,14 @@ from step import batch_arrays as rows  # the same synthetic rows as bench/step.p
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words", "full-last-layer")
+TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words", "full-last-layer",
+                  "sliced-qkv")
 SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None for TF's choice)
     "default": ({}, None),
     "inter-1": ({}, (0, 1)),
     "onednn-off": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, None),
     "xla-auto": ({"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, None),
+    "malloc": ({"TF_CPU_ALLOCATOR_USE_BFC": "false"}, None),
 }
 
 
@@ -98,6 +104,8 @@ def build_step(variant, batch):
     patches = []
     if variant == "keras-adamw":
         patches.append((training.AdamW, "_backend_apply_gradients", keras.optimizers.AdamW._backend_apply_gradients))
+    if variant == "sliced-qkv":
+        patches.append((modeling, "_unstack", lambda x, n: [x[i] for i in range(n)]))
     if variant == "autodiff-norm":
         patches.append((modeling, "_tf_gelu_training", lambda x: 0.5 * x * (1.0 + tf.math.erf(x / 2 ** 0.5))))
         patches.append((modeling.LayerNorm, "call", lambda self, inputs, training=False:

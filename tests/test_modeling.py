@@ -1,6 +1,7 @@
 """The encoder: shapes, masking, canonical weights, and parity with Hugging Face's BertModel."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,31 @@ def test_parity_with_reference_minilm():
     assert first["sequence_output"].shape[1] == 1
     np.testing.assert_allclose(np.asarray(first["sequence_output"])[:, 0], ref["last_hidden_state"][:, 0], atol=1e-4)
     np.testing.assert_allclose(np.asarray(first["pooled_output"]), ref["pooled_output"], atol=1e-4)
+
+
+def test_import_keeps_tensorflow_cpu_memory_pooled(tmp_path):
+    """`import bertfit` turns on TF's pooled CPU allocator (unless the user chose), so a big tensor's
+    memory is reused from op to op instead of being page-faulted in again each time."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, bertfit, tensorflow as tf\n"
+        "x = tf.ones([2048, 2048])\n"
+        "square = tf.function(lambda: tf.reduce_sum(tf.square(x)))\n"
+        "square()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    square().numpy()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+    def faults(**env):
+        base = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+        out = subprocess.run([sys.executable, str(script)], env={**base, **env}, capture_output=True, text=True,
+                             check=True).stdout
+        return int(out.split()[-1])
+
+    # A 16 MB tensor is 4,096 pages: fresh memory each call page-faults them all in again.
+    assert faults() < 2000
+    assert faults(TF_CPU_ALLOCATOR_USE_BFC="false") > 10 * 4096 / 2

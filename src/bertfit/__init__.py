@@ -6,7 +6,15 @@
     clf = bertfit.load("runs/sst2")
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# TensorFlow's default CPU allocator returns each large tensor's memory to the OS when it is freed,
+# so the next op page-faults it in again (about 4x the cost of a Square over a [4096, 1536] tensor).
+# Its pooled (BFC) allocator keeps the memory: 1.06x a training step at L=128 (bench/levers.py
+# --settings default,bfc). TensorFlow reads this when it first allocates; set it to false to opt out.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
 def load_pretrained(source, lower_case=None):
