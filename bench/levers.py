@@ -31,9 +31,10 @@ Process settings (`--settings`): what can only be set before TensorFlow starts, 
 per setting (bench/step.py's bertfit worker), asked in turn for a training step and an inference
 batch of 32 at `--seq`:
 
-  default         as bertfit runs: TensorFlow's thread pools, its pooled (BFC) CPU allocator
+  default         as bertfit runs: TensorFlow's thread pools, its pooled (BFC) CPU allocator, oneDNN on
   inter-1         one inter-op thread (ops run one at a time, each using every core)
-  onednn-off      TF_ENABLE_ONEDNN_OPTS=0: Eigen kernels instead of oneDNN's
+  onednn-off      TF_ENABLE_ONEDNN_OPTS=0: Eigen kernels instead of oneDNN's (on an AVX2-only CPU,
+                  also what TensorFlow does when the variable is unset)
   xla-auto        TensorFlow's XLA auto-clustering on the CPU: XLA compiles the clusters of ops it
                   supports inside each graph (element-wise chains fused), the rest runs as usual
   malloc          TF_CPU_ALLOCATOR_USE_BFC=false: TensorFlow's default CPU allocator, which hands each
@@ -79,10 +80,10 @@ SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None
 
 def build_step(variant, batch):
     """A compiled training step for one variant, traced once (patches apply only while tracing)."""
+    import bertfit  # before TensorFlow: it sets TF's CPU options (see bertfit/__init__.py)
     import keras
     import tensorflow as tf
 
-    import bertfit
     from bertfit import modeling, training
     from bertfit.classifier import Classifier
     from bertfit.config import TrainConfig
@@ -151,6 +152,7 @@ def build_forward(xla=False, full_last_layer=False):
 
 def settings_worker(name):
     """A bench/step.py bertfit worker under one process setting (the environment is set by the driver)."""
+    import bertfit  # noqa: F401  (before TensorFlow: it sets TF's CPU options, unless a setting did)
     import tensorflow as tf
 
     import step
@@ -226,6 +228,7 @@ def main(argv=None):
     if args.setting_worker:
         return settings_worker(args.setting_worker)
 
+    import bertfit  # noqa: F401  (before TensorFlow: it sets TF's CPU options)
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # one trace per variant is the point, not a retracing problem

@@ -54,9 +54,9 @@ def tiny_run(folder: Path) -> Path:
     """A tiny random BERT (real vocabulary) fine-tuned for one epoch on generated data."""
     import random
 
+    import bertfit  # before Keras and TensorFlow: it sets TF's CPU options
     import keras
 
-    import bertfit
     from bertfit.checkpoints import default_model_path, write_huggingface
     from bertfit.checkpoints._common import read_vocab
     from bertfit.config import EncoderConfig

@@ -47,9 +47,9 @@ def batch_arrays(batch, seq, seed=0):
 class BertfitWorker:
     def __init__(self):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import bertfit  # before TensorFlow: it sets TF's CPU options (see bertfit/__init__.py)
         import tensorflow as tf
 
-        import bertfit
         from bertfit.classifier import Classifier
         from bertfit.config import TrainConfig
         from bertfit.modeling import BertClassifier, dummy_inputs

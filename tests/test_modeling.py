@@ -190,29 +190,37 @@ def test_parity_with_reference_minilm():
     np.testing.assert_allclose(np.asarray(first["pooled_output"]), ref["pooled_output"], atol=1e-4)
 
 
-def test_import_keeps_tensorflow_cpu_memory_pooled(tmp_path):
-    """`import bertfit` turns on TF's pooled CPU allocator (unless the user chose), so a big tensor's
-    memory is reused from op to op instead of being page-faulted in again each time."""
+def test_import_sets_tensorflows_cpu_options(tmp_path):
+    """`import bertfit` turns on oneDNN's kernels and a pooled CPU allocator (unless the user chose):
+    oneDNN when bertfit comes before TensorFlow; the pool even when TensorFlow came first, so that a
+    big tensor's memory is reused from op to op instead of being page-faulted in again each time."""
     import subprocess
     import sys
 
     script = tmp_path / "faults.py"
     script.write_text(
-        "import resource, bertfit, tensorflow as tf\n"
+        "import resource, sys\n"
+        "if sys.argv[1] == 'tf-first':\n"
+        "    import tensorflow\n"
+        "import bertfit, tensorflow as tf\n"
+        "from tensorflow.python.util import _pywrap_util_port\n"
         "x = tf.ones([2048, 2048])\n"
         "square = tf.function(lambda: tf.reduce_sum(tf.square(x)))\n"
         "square()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(10):\n"
         "    square().numpy()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+        "print(_pywrap_util_port.IsMklEnabled(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
 
-    def faults(**env):
-        base = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-        out = subprocess.run([sys.executable, str(script)], env={**base, **env}, capture_output=True, text=True,
-                             check=True).stdout
-        return int(out.split()[-1])
+    def run(order="bertfit-first", **env):
+        base = {k: v for k, v in os.environ.items() if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_ENABLE_ONEDNN_OPTS")}
+        out = subprocess.run([sys.executable, str(script), order], env={**base, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[-2] == "True", int(out[-1])
 
     # A 16 MB tensor is 4,096 pages: fresh memory each call page-faults them all in again.
-    assert faults() < 2000
-    assert faults(TF_CPU_ALLOCATOR_USE_BFC="false") > 10 * 4096 / 2
+    onednn, faults = run()
+    assert onednn and faults < 2000
+    assert run("tf-first")[1] < 2000
+    onednn, faults = run(TF_CPU_ALLOCATOR_USE_BFC="false", TF_ENABLE_ONEDNN_OPTS="0")  # the user's choice wins
+    assert not onednn and faults > 10 * 4096 / 2

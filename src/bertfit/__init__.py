@@ -10,10 +10,14 @@ import os
 
 __version__ = "0.1.0"
 
-# TensorFlow's default CPU allocator returns each large tensor's memory to the OS when it is freed,
-# so the next op page-faults it in again (about 4x the cost of a Square over a [4096, 1536] tensor).
-# Its pooled (BFC) allocator keeps the memory: 1.06x a training step at L=128 (bench/levers.py
-# --settings default,bfc). TensorFlow reads this when it first allocates; set it to false to opt out.
+# TensorFlow CPU settings (bench/RESULTS.md, session-9 levers); set them yourself to opt out.
+# - oneDNN's kernels: 1.13x a training step and an inference batch at L=128 on an AVX2 CPU, where
+#   TensorFlow leaves them off unless asked (batched matmuls 2.5x faster). Read when TensorFlow is
+#   imported: import bertfit first.
+# - A pooled (BFC) CPU allocator, read at TensorFlow's first allocation, so it applies even when
+#   TensorFlow was imported first: TF's plain allocator returns each large freed tensor to the OS and
+#   the next op page-faults it in again (1.09x a training step; oneDNN's allocator pools already).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
