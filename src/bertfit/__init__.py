@@ -12,8 +12,7 @@ __version__ = "0.1.0"
 
 # TensorFlow CPU settings (bench/RESULTS.md, session-9 levers); set them yourself to opt out.
 # - oneDNN's kernels: 1.13x a training step and an inference batch at L=128 on an AVX2 CPU, where
-#   TensorFlow leaves them off unless asked (batched matmuls 2.5x faster). Read when TensorFlow is
-#   imported: import bertfit first.
+#   TensorFlow leaves them off unless asked. Read when TensorFlow is imported: import bertfit first.
 # - A pooled (BFC) CPU allocator, read at TensorFlow's first allocation, so it applies even when
 #   TensorFlow was imported first: TF's plain allocator returns each large freed tensor to the OS and
 #   the next op page-faults it in again (1.09x a training step; oneDNN's allocator pools already).

@@ -240,13 +240,12 @@ class TransformerLayer(keras.layers.Layer):
             q = ops.reshape(q, (batch, self.num_heads, 1, self.head_size))  # one position: no transpose needed
             kv = ops.transpose(ops.reshape(kv, (batch, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
             k, v = _unstack(kv, 2)
-            q = q * (1.0 / math.sqrt(self.head_size))
             x, seq = x[:, :1], 1
         else:
             qkv = ops.reshape(self.qkv(x), (batch, seq, 3, self.num_heads, self.head_size))
             qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, batch, heads, seq, head_size]
             q, k, v = _unstack(qkv, 3)
-            q = q * (1.0 / math.sqrt(self.head_size))
+        q = q * (1.0 / math.sqrt(self.head_size))
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # [batch, heads, seq, seq]
         # Softmax in float32 so that mixed precision neither overflows nor loses the mask.
         # (Keras autocasts float inputs to the layer's compute dtype, so the bias is cast back too.)
