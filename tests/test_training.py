@@ -155,7 +155,8 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model):
 
 def test_fused_adam_update_equals_keras_adamw():
     """bertfit's AdamW (one fused update per variable) takes Keras AdamW's steps, also for an embedding
-    table's gradient with a row gathered twice; LLRD scales the step."""
+    table's gradient with a row gathered twice (which it sums before clipping, as PyTorch does, so
+    Keras is given the summed rows); LLRD scales the step."""
     import keras
     import tensorflow as tf
 
@@ -172,7 +173,11 @@ def test_fused_adam_update_equals_keras_adamw():
 
     grads = [gradients() for _ in range(5)]
 
-    def train(cls, steps, **options):
+    def summed(g):
+        return tf.IndexedSlices(tf.math.unsorted_segment_sum(g.values, [0, 1, 1, 2, 0], 3), tf.constant([0, 2, 5]),
+                                g.dense_shape)
+
+    def train(cls, steps, sum_rows=False, **options):
         variables = [keras.Variable(a, name=n) for a, n in zip(start, ("kernel", "bias", "table"))]
         options = {"epsilon": 1e-6, "global_clipnorm": 1.0, **options}
         opt = cls(learning_rate=1e-2, **{k: (v(variables) if callable(v) else v) for k, v in options.items()})
@@ -180,17 +185,45 @@ def test_fused_adam_update_equals_keras_adamw():
         opt.build(variables)
         step = tf.function(lambda g: opt.apply_gradients(zip(g, variables)))
         for g in grads[:steps]:
-            step([x if isinstance(x, tf.IndexedSlices) else tf.constant(x) for x in g])
+            step([(summed(x) if sum_rows else x) if isinstance(x, tf.IndexedSlices) else tf.constant(x) for x in g])
         return [v.numpy() for v in variables]
 
-    # Both clip by a norm that counts the two copies of a gathered row apart (see AdamW's docstring).
-    for want, got in zip(train(keras.optimizers.AdamW, 5, weight_decay=0.01), train(AdamW, 5, weight_decay=0.01)):
+    # The gradients' norms are ~16, so every step clips. Epsilon is tiny: where it goes differs (the next test).
+    keras_steps = train(keras.optimizers.AdamW, 5, sum_rows=True, weight_decay=0.01, epsilon=1e-12)
+    for want, got in zip(keras_steps, train(AdamW, 5, weight_decay=0.01, epsilon=1e-12)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float rounding of a 1e-2 step
     # Adam's first step moves each weight by lr * sign(gradient) (for epsilon -> 0); a 0.5 multiplier halves that.
     kernel, bias, _ = train(AdamW, 1, weight_decay=0.0, epsilon=1e-12, global_clipnorm=None,
                             lr_multipliers=lambda vs: {vs[0].path: 0.5})
     np.testing.assert_allclose(kernel - start[0], -0.5e-2 * np.sign(grads[0][0]), atol=1e-6)
     np.testing.assert_allclose(bias - start[1], -1e-2 * np.sign(grads[0][1]), atol=1e-6)
+
+
+def test_adam_epsilon_is_added_as_pytorch_adds_it():
+    """Gradients of ~1e-7, where epsilon (1e-8) matters: the steps match PyTorch's AdamW algorithm
+    (eps added to sqrt(v / (1 - b2^t))), written out here from its documentation. Keras's placement
+    (eps added to sqrt(v)) moves these weights ~30 % less in the first step."""
+    import keras
+    import tensorflow as tf
+
+    from bertfit.training import AdamW
+
+    rng = np.random.default_rng(1)
+    start = rng.normal(size=(50,)).astype("float32")
+    grads = [(rng.normal(size=(50,)) * 1e-7).astype("float32") for _ in range(4)]
+    lr, wd, eps, b1, b2 = 1e-3, 0.01, 1e-8, 0.9, 0.999
+    w, m, v = start.astype("float64"), np.zeros(50), np.zeros(50)
+    for t, g in enumerate(grads, 1):
+        w = w * (1 - lr * wd)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype("float64") ** 2
+        w = w - lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    variable = keras.Variable(start, name="kernel")
+    opt = AdamW(learning_rate=lr, weight_decay=wd, epsilon=eps, beta_1=b1, beta_2=b2)
+    opt.build([variable])
+    for g in grads:
+        opt.apply_gradients([(tf.constant(g), variable)])
+    moved, want = variable.numpy() - start, w - start
+    np.testing.assert_allclose(moved, want, rtol=1e-3)
 
 
 def test_sentence_pairs_use_the_second_text(tiny_model, tmp_path):

@@ -136,7 +136,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    adam_epsilon: float = 1e-6
+    adam_epsilon: float = 1e-8              # PyTorch's and HF Trainer's (Google's BERT: 1e-6)
     dropout: float = 0.1
     pooling: str = "cls"                     # cls (BERT's pooler on [CLS]) | mean (of the token vectors)
     gradient_accumulation: int = 1
