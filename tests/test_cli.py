@@ -41,6 +41,7 @@ CASES = [
     ("missing.tsv", [], r"missing.tsv"),
     ("ok.tsv", ["--long-text", "window", "--pair-column", "label"], r"window.*single texts"),
     ("ok.tsv", ["--learning-rate", "-1"], r"learning_rate must be positive"),
+    ("ok.tsv", ["--adam-epsilon", "0"], r"adam_epsilon must be positive"),
     ("ok.tsv", ["--truncation", "middle"], r"truncation"),
     ("ok.tsv", ["--pooling", "max"], r"pooling must be cls or mean"),
     ("ok.tsv", ["--max-length", "1024"], r"max_length 1024 exceeds the model's 128 positions"),

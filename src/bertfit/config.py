@@ -157,6 +157,9 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be at least 1"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.adam_epsilon > 0, "adam_epsilon must be positive"),  # 0: 0/0 where a gradient is 0
+            (self.weight_decay >= 0, "weight_decay must be 0 or more"),
+            (self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm must be 0 (off) or more"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.gradient_accumulation >= 1, "gradient_accumulation must be at least 1"),
