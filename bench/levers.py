@@ -26,6 +26,10 @@ gives the median tok/s, the ratio to the first variant and the spread of the rou
                   classifiers do, instead of at [CLS] alone (all that [CLS] pooling reads from it)
   sliced-qkv      query, key and value taken from the fused projection by slicing (qkv[0], qkv[1],
                   qkv[2]) instead of unstack: each slice's gradient is a zero-filled full-size copy
+  rank3           the layout before 2026-11-24 (session 12): hidden states kept as [batch, seq, h],
+                  so each Keras Dense runs through tf.tensordot (a dozen shape ops around each
+                  matmul), and inference uses Keras's LayerNormalization (twice the ops of bertfit's);
+                  bertfit now keeps the tokens as rows, [batch * seq, h], and each Dense is one matmul
 
 Process settings (`--settings`): what can only be set before TensorFlow starts, one worker process
 per setting (bench/step.py's bertfit worker), asked in turn for a training step and an inference
@@ -39,6 +43,12 @@ batch of 32 at `--seq`:
                   supports inside each graph (element-wise chains fused), the rest runs as usual
   malloc          TF_CPU_ALLOCATOR_USE_BFC=false: TensorFlow's default CPU allocator, which hands each
                   large freed tensor back to the OS (page faults on the next allocation)
+
+First call (`--first-call`): what `bertfit predict` pays once per process before its first batch runs
+at full speed: building (tracing) `Classifier.forward_fn`'s graph, TensorFlow optimizing it, and the
+first batch. Each repeat is a fresh process per variant (bertfit, rank3), in turn; it loads MiniLM-L6,
+then times the first call on a batch of 32 rows at `--seq` and then the same call again; the table
+gives the medians of the trace, the first call and the second, and first - second (the one-off cost).
 
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
@@ -68,7 +78,7 @@ from step import batch_arrays as rows  # the same synthetic rows as bench/step.p
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 TRAIN_VARIANTS = ("bertfit", "keras-adamw", "autodiff-norm", "no-dropout", "xla", "frozen-words", "full-last-layer",
-                  "sliced-qkv")
+                  "sliced-qkv", "rank3")
 SETTINGS = {  # name: (environment, (intra-op threads, inter-op threads) or None for TF's choice)
     "default": ({}, None),
     "inter-1": ({}, (0, 1)),
@@ -107,6 +117,8 @@ def build_step(variant, batch):
         patches.append((training.AdamW, "_backend_apply_gradients", keras.optimizers.AdamW._backend_apply_gradients))
     if variant == "sliced-qkv":
         patches.append((modeling, "_unstack", lambda x, n: [x[i] for i in range(n)]))
+    if variant == "rank3":
+        patches += rank3_patches()
     if variant == "autodiff-norm":
         patches.append((modeling, "_tf_gelu_training", lambda x: 0.5 * x * (1.0 + tf.math.erf(x / 2 ** 0.5))))
         patches.append((modeling.LayerNorm, "call", lambda self, inputs, training=False:
@@ -136,6 +148,110 @@ def full_last_layer_classifier():
             return self.classifier(self.dropout(pooled, training=training))
 
     return FullLastLayer
+
+
+def rank3_patches():
+    """(owner, name, value) patches that restore the [batch, seq, h] layout (bertfit before session 12)."""
+    import math
+
+    import keras
+    from keras import ops
+
+    from bertfit import modeling
+
+    def layer_call(self, x, attention_bias, training=False, first_only=False):
+        batch, seq = ops.shape(x)[0], ops.shape(x)[1]
+        h = self.num_heads * self.head_size
+        if first_only:
+            kernel, bias = self.qkv.kernel, self.qkv.bias
+            q = ops.matmul(x[:, :1], kernel[:, :h]) + bias[:h]
+            kv = ops.matmul(x, kernel[:, h:]) + bias[h:]
+            q = ops.reshape(q, (batch, self.num_heads, 1, self.head_size))
+            kv = ops.transpose(ops.reshape(kv, (batch, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
+            k, v = modeling._unstack(kv, 2)
+            x, seq = x[:, :1], 1
+        else:
+            qkv = ops.transpose(ops.reshape(self.qkv(x), (batch, seq, 3, self.num_heads, self.head_size)),
+                                (2, 0, 3, 1, 4))
+            q, k, v = modeling._unstack(qkv, 3)
+        q = q * (1.0 / math.sqrt(self.head_size))
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+        probs = ops.softmax(ops.cast(scores, "float32") + ops.cast(attention_bias, "float32"), axis=-1)
+        probs = self.attention_dropout(ops.cast(probs, x.dtype), training=training, rescale=False)
+        context = ops.matmul(probs, v)
+        if training and self.attention_dropout.rate > 0:
+            context = context * self.attention_dropout.scale
+        context = ops.reshape(ops.transpose(context, (0, 2, 1, 3)), (batch, seq, h))
+        attention = self.hidden_dropout(self.attention_output(context), training=training)
+        x = self.attention_norm(x + attention, training=training)
+        ffn = self.output_dense(modeling.gelu(self.intermediate(x), self.act, training))
+        return self.output_norm(x + self.hidden_dropout(ffn, training=training), training=training)
+
+    def encoder_call(self, inputs, training=False, first_only=False):
+        mask = ops.cast(inputs["padding_mask"], "float32")
+        attention_bias = ops.expand_dims(ops.expand_dims((1.0 - mask) * -1e9, 1), 1)
+        x = self.embeddings(inputs["token_ids"], inputs["segment_ids"], training=training)
+        last = len(self.encoder_layers) - 1
+        for n, layer in enumerate(self.encoder_layers):
+            x = layer(x, attention_bias, training=training, first_only=first_only and n == last)
+        return {"sequence_output": x, "pooled_output": self.pooler(x[:, 0])}
+
+    shipped_norm = modeling.LayerNorm.call
+
+    def norm_call(self, inputs, training=False):  # Keras's LayerNormalization at inference
+        if training:
+            return shipped_norm(self, inputs, training=True)
+        return keras.layers.LayerNormalization.call(self, inputs)
+
+    return [(modeling.TransformerLayer, "call", layer_call), (modeling.BertEncoder, "call", encoder_call),
+            (modeling.LayerNorm, "call", norm_call)]
+
+
+def first_call_worker(variant, seq):
+    """One fresh process: load MiniLM-L6, time forward_fn's trace, its first call and a second call."""
+    import bertfit
+    import tensorflow as tf
+
+    if variant == "rank3":
+        for owner, name, value in rank3_patches():
+            setattr(owner, name, value)
+    clf = bertfit.load_pretrained("minilm-l6")
+    from bertfit.classifier import Classifier
+    from bertfit.config import TrainConfig
+    from bertfit.modeling import BertClassifier, dummy_inputs
+
+    model = BertClassifier(clf.encoder, 2)
+    model(dummy_inputs())
+    forward = Classifier(model, clf.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn()
+    ids, seg, mask, _ = rows(32, seq)
+    spec = tf.TensorSpec([None, None], tf.int32)
+    times = [time.perf_counter()]
+    forward.get_concrete_function(spec, spec, spec)
+    times.append(time.perf_counter())
+    for _ in range(2):
+        forward(ids, seg, mask).numpy()
+        times.append(time.perf_counter())
+    trace, first, second = np.diff(times)
+    print(json.dumps({"trace": trace, "first": first, "second": second,
+                      "ops": len(forward.get_concrete_function(spec, spec, spec).graph.get_operations())}))
+
+
+def run_first_call(seq, repeats):
+    names = ("bertfit", "rank3")
+    results = {n: [] for n in names}
+    for _ in range(repeats):
+        for n in names:
+            out = subprocess.run([sys.executable, __file__, "--first-call-worker", n, "--seq", str(seq)],
+                                 stdout=subprocess.PIPE, text=True, check=True, cwd=Path(__file__).parent.parent)
+            results[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\nfirst call of the inference function, MiniLM-L6, 32 rows at L={seq}, "
+          f"median of {repeats} fresh processes each (seconds)")
+    print(f"{'variant':<10}{'graph ops':>10}{'trace':>8}{'first':>8}{'second':>8}{'first-second':>14}{'trace+one-off':>15}")
+    for n in names:
+        med = {k: np.median([r[k] for r in results[n]]) for k in ("trace", "first", "second")}
+        one_off = med["trace"] + np.median([r["first"] - r["second"] for r in results[n]])
+        print(f"{n:<10}{results[n][0]['ops']:>10}{med['trace']:>8.3f}{med['first']:>8.3f}{med['second']:>8.3f}"
+              f"{np.median([r['first'] - r['second'] for r in results[n]]):>14.3f}{one_off:>15.3f}")
 
 
 def build_forward(xla=False, full_last_layer=False):
@@ -223,10 +339,15 @@ def main(argv=None):
     p.add_argument("--full-last-layer", action="store_true",
                    help="--inference: [CLS]-only last layer (plain) vs the last layer at every position")
     p.add_argument("--settings", help=f"compare process settings instead: some of {','.join(SETTINGS)}")
+    p.add_argument("--first-call", action="store_true",
+                   help="time the inference function's first call (trace, optimize, run), bertfit vs rank3")
     p.add_argument("--setting-worker", help=argparse.SUPPRESS)
+    p.add_argument("--first-call-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.setting_worker:
         return settings_worker(args.setting_worker)
+    if args.first_call_worker:
+        return first_call_worker(args.first_call_worker, args.seq)
 
     import bertfit  # noqa: F401  (before TensorFlow: it sets TF's CPU options)
     import tensorflow as tf
@@ -237,6 +358,8 @@ def main(argv=None):
     print(f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")
     if args.settings:
         return run_settings(args.settings.split(","), args.seq, args.batch, args.repeats)
+    if args.first_call:
+        return run_first_call(args.seq, args.repeats)
 
     if args.inference:
         sizes = [int(b) for b in args.batches.split(",")]

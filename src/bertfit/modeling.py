@@ -106,21 +106,26 @@ def _tf_gelu_training(x):
 
 
 class LayerNorm(keras.layers.LayerNormalization):
-    """Keras LayerNormalization over the last axis; on TensorFlow, training uses a hand-written gradient."""
+    """Keras LayerNormalization over the last axis. On TensorFlow it is written out in nine ops
+    (Keras's own builds about twice as many, which showed in the time to trace the inference graph),
+    and training uses a hand-written gradient."""
 
     def call(self, inputs, training=False):
-        if not training or keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() != "tensorflow":
             return super().call(inputs)
         import tensorflow as tf
 
         eps = self.epsilon
 
-        @tf.custom_gradient
-        def f(x, gamma, beta):
+        def normalize(x):
             mean = tf.reduce_mean(x, -1, keepdims=True)
             centered = x - mean
             inv = tf.math.rsqrt(tf.reduce_mean(tf.square(centered), -1, keepdims=True) + eps)
-            normed = centered * inv
+            return centered * inv, inv
+
+        @tf.custom_gradient
+        def f(x, gamma, beta):
+            normed, inv = normalize(x)
 
             def grad(dy):
                 rows = tf.range(tf.rank(dy) - 1)
@@ -133,7 +138,8 @@ class LayerNorm(keras.layers.LayerNormalization):
 
         # In float32 whatever the compute dtype, as Keras does (mixed precision keeps LayerNorm stable).
         x = tf.cast(inputs, tf.float32)
-        out = f(x, tf.convert_to_tensor(self.gamma.value), tf.convert_to_tensor(self.beta.value))
+        gamma, beta = tf.convert_to_tensor(self.gamma.value), tf.convert_to_tensor(self.beta.value)
+        out = f(x, gamma, beta) if training else normalize(x)[0] * gamma + beta
         return tf.cast(out, self.compute_dtype)
 
 
@@ -226,23 +232,29 @@ class TransformerLayer(keras.layers.Layer):
         for layer, n_in in ((self.qkv, h), (self.attention_output, h), (self.attention_norm, h),
                             (self.intermediate, h), (self.output_dense, config.intermediate_size),
                             (self.output_norm, h)):
-            layer.build((None, None, n_in))
+            layer.build((None, n_in))  # called on [tokens, n_in] rows
 
     def call(self, x, attention_bias, training=False, first_only=False):
-        """first_only: return only position 0 ([CLS]), attending to every position, for [batch, 1, h]:
-        what a [CLS]-pooled classifier needs from its last layer (TF Model Garden's `output_range=1`)."""
-        batch, seq = ops.shape(x)[0], ops.shape(x)[1]
+        """x: the batch's tokens as rows, [batch * seq, h]; attention_bias: [batch, 1, 1, seq].
+
+        Rows rather than [batch, seq, h], so that each dense layer is one 2-D matmul: on a 3-D input
+        Keras's Dense becomes tf.tensordot, a dozen shape ops per matmul, which were most of the
+        inference graph's ops and of the time TensorFlow takes to build and optimize it on a first call.
+        first_only: return only position 0 ([CLS]) of each example, attending to every position, as
+        [batch, h]: what a [CLS]-pooled classifier needs from its last layer (TF Model Garden's
+        `output_range=1`)."""
+        seq = ops.shape(attention_bias)[3]  # the batch size stays implicit (-1): fewer ops to build
+        h = self.num_heads * self.head_size
         if first_only:
-            h = self.num_heads * self.head_size
             kernel, bias = self.qkv.kernel, self.qkv.bias
-            q = ops.matmul(x[:, :1], kernel[:, :h]) + bias[:h]
             kv = ops.matmul(x, kernel[:, h:]) + bias[h:]
-            q = ops.reshape(q, (batch, self.num_heads, 1, self.head_size))  # one position: no transpose needed
-            kv = ops.transpose(ops.reshape(kv, (batch, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
+            x = ops.reshape(x, (-1, seq, h))[:, 0]
+            q = ops.matmul(x, kernel[:, :h]) + bias[:h]
+            q = ops.reshape(q, (-1, self.num_heads, 1, self.head_size))  # one position: no transpose needed
+            kv = ops.transpose(ops.reshape(kv, (-1, seq, 2, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
             k, v = _unstack(kv, 2)
-            x, seq = x[:, :1], 1
         else:
-            qkv = ops.reshape(self.qkv(x), (batch, seq, 3, self.num_heads, self.head_size))
+            qkv = ops.reshape(self.qkv(x), (-1, seq, 3, self.num_heads, self.head_size))
             qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, batch, heads, seq, head_size]
             q, k, v = _unstack(qkv, 3)
         q = q * (1.0 / math.sqrt(self.head_size))
@@ -254,8 +266,7 @@ class TransformerLayer(keras.layers.Layer):
         context = ops.matmul(probs, v)
         if training and self.attention_dropout.rate > 0:  # dropout's rescaling, on the 8x smaller tensor
             context = context * self.attention_dropout.scale
-        context = ops.transpose(context, (0, 2, 1, 3))
-        context = ops.reshape(context, (batch, seq, self.num_heads * self.head_size))
+        context = ops.reshape(ops.transpose(context, (0, 2, 1, 3)), (-1, h))
         attention = self.hidden_dropout(self.attention_output(context), training=training)
         x = self.attention_norm(x + attention, training=training)
         ffn = self.output_dense(gelu(self.intermediate(x), self.act, training))
@@ -285,9 +296,12 @@ class BertEncoder(keras.Model):
         # Additive mask [batch, 1, 1, seq]: padded keys get -1e9 before the softmax.
         attention_bias = ops.expand_dims(ops.expand_dims((1.0 - mask) * -1e9, 1), 1)
         x = self.embeddings(token_ids, inputs["segment_ids"], training=training)
+        h = self.config.hidden_size
+        x = ops.reshape(x, (-1, h))  # tokens as rows: see TransformerLayer.call
         last = len(self.encoder_layers) - 1
         for n, layer in enumerate(self.encoder_layers):
             x = layer(x, attention_bias, training=training, first_only=first_only and n == last)
+        x = ops.reshape(x, (-1, 1 if first_only and last >= 0 else ops.shape(token_ids)[1], h))
         pooled = self.pooler(x[:, 0])
         return {"sequence_output": x, "pooled_output": pooled}
 
