@@ -110,9 +110,9 @@ class Classifier:
 
         A CPU's attention over long rows is bound by memory traffic: each layer writes and re-reads
         a [rows, heads, length, length] float32 score tensor. Kept near 16 MB (a typical L3 cache),
-        the softmax runs from cache: on the 2-core machine bertfit is tested on, batches of 1-2 instead
-        of 32 at length 512 gave about 1.5x the examples/s, batches of 4 at length 256 about 1.4x
-        (hand-run A/B, 2026-11-23; not yet a bench/ script).
+        the softmax runs from cache: on the 2-core test machine, with oneDNN off, batches of 1 at
+        length 512 gave 1.56x the examples/s of batches of 32; with oneDNN on (as bertfit now runs)
+        0.98x, i.e. no longer a gain (bench/levers.py --inference --seq 512, bench/RESULTS.md).
         With MiniLM's 12 heads: 1 row at 512, 5 at 256, 21 at 128, all of a batch at 64 and below.
         """
         import tensorflow as tf
