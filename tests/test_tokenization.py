@@ -1,6 +1,9 @@
 """The in-graph WordPiece tokenizer: parity with BERT's reference outputs, packing, truncation, graph use."""
 
 import json
+import os
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -300,3 +303,22 @@ def test_vocabulary(uncased, tmp_path):
     assert BertTokenizer(path).vocab == uncased.vocab
     assert guess_lower_case(uncased.vocab)
     assert not guess_lower_case(uncased.vocab + ["Hello"])
+
+
+def test_loads_two_tf_text_op_libraries_not_the_package():
+    """The tokenizer loads tf-text's two ops alone (the package's 22 libraries cost ~115 MB of RSS);
+    the package imported afterwards in the same process still works."""
+    code = f"""
+import sys
+import tensorflow as tf
+from bertfit.tokenization import BertTokenizer
+ids = BertTokenizer({str(VOCAB)!r})(["Hello, world!"])["token_ids"].numpy().tolist()
+assert ids == [[101, 7592, 1010, 2088, 999, 102]], ids
+assert "tensorflow_text" not in sys.modules, "tokenizer imported tensorflow_text"
+import tensorflow_text as tf_text
+wp = tf_text.FastWordpieceTokenizer(["hello", "##s", "[UNK]"], token_out_type=tf.int32)
+assert wp.tokenize(["hellos"]).to_list() == [[0, 1]]
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -154,7 +154,7 @@ class TFLiteModule(tf.Module):
         super().__init__(name="bertfit_tflite")
         tok = clf.tokenizer
         _attach_classifier(self, clf)
-        self.normalizer, self.wordpiece = tok._normalizer, tok._wordpiece_long
+        self.normalizer_model, self.wordpiece_model = tok._normalizer_model, tok._wordpiece_long_model
         self.starts_word, self.piece_chars = tok._starts_word, tok._piece_chars
         self.cls_id, self.sep_id, self.pad_id, self.unk_id = tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id
         c = clf.train_config
@@ -162,9 +162,9 @@ class TFLiteModule(tf.Module):
 
     def tokenize(self, texts):
         """Word-piece ids as (flat values int32 [n], row splits int32 [batch + 1]), as BertTokenizer.tokenize."""
-        from .tokenization import MAX_CHARS_PER_WORD
+        from .tokenization import MAX_CHARS_PER_WORD, _normalize, _wordpiece
 
-        ids = self.wordpiece.tokenize(self.normalizer.normalize(texts))
+        ids = _wordpiece(_normalize(texts, self.normalizer_model), self.wordpiece_model)
         flat, splits = ids.flat_values, tf.cast(ids.row_splits, tf.int32)
         starts = tf.gather(self.starts_word, flat)
         word = tf.cumsum(tf.cast(starts, tf.int32)) - 1

@@ -95,8 +95,10 @@ class Model:
     def _saved_model(self):
         """The run's exported `serving_default`, if there is one with this model's inputs."""
         import tensorflow as tf
-        import tensorflow_text  # noqa: F401  (registers the tokenizer ops)
 
+        from .tokenization import _tf_text_ops
+
+        _tf_text_ops()  # registers the export's two tokenizer ops (all it needs of tensorflow-text)
         path = self.run / "saved_model"
         if not (path / "saved_model.pb").exists():
             return None

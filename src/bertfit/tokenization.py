@@ -27,14 +27,15 @@ hand it to `FastBertNormalizer`: the fix costs nothing at run time.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import sys
 import unicodedata
 from pathlib import Path
 
 import flatbuffers
 import numpy as np
 import tensorflow as tf
-import tensorflow_text as tf_text
-from tensorflow_text.core.pybinds import pywrap_fast_wordpiece_tokenizer_model_builder as _wordpiece_builder
 
 from bertfit.errors import ConfigError
 
@@ -67,19 +68,15 @@ class BertTokenizer(tf.Module):
         self.cls_id, self.sep_id = index["[CLS]"], index["[SEP]"]
         self.pad_id, self.unk_id = index["[PAD]"], index["[UNK]"]
 
-        self._normalizer = tf_text.FastBertNormalizer(model_buffer=_as_uint8(_normalizer_model(self.lower_case)))
-        # FastWordpiece limits words in bytes, not characters. The first makes every
-        # word of over 100 bytes [UNK]; the second lets all words of up to 100
+        ops = _tf_text_ops()
+        self._normalizer_model = _as_uint8(_normalizer_model(self.lower_case))
+        # FastWordpiece limits words in bytes, not characters. The first model makes
+        # every word of over 100 bytes [UNK]; the second lets all words of up to 100
         # characters (4 bytes at most each) through, for `_redo_unknown_rows`.
-        # (Models are built here to pass them as uint8 tensors: tf-text's list()
-        # conversion of a 1.7 MB buffer is slow.)
-        self._wordpiece, self._wordpiece_long = (
-            tf_text.FastWordpieceTokenizer(
-                model_buffer=_as_uint8(_wordpiece_builder.build_fast_wordpiece_model(
-                    list(tokens), max_bytes, "##", "[UNK]", False, False  # no_pretokenization, detokenization
-                )),
-                token_out_type=tf.int32,
-            )
+        self._wordpiece_model, self._wordpiece_long_model = (
+            _as_uint8(ops.build_fast_wordpiece_model(
+                list(tokens), max_bytes, "##", "[UNK]", False, False  # no_pretokenization, detokenization
+            ))
             for max_bytes in (MAX_CHARS_PER_WORD, 4 * MAX_CHARS_PER_WORD)
         )
         # Per vocabulary id: does the piece start a word, and how many characters has it.
@@ -144,8 +141,8 @@ class BertTokenizer(tf.Module):
         return path
 
     def _tokenize_strings(self, texts):
-        normalized = self._normalizer.normalize(texts)
-        ids = self._wordpiece.tokenize(normalized)
+        normalized = _normalize(texts, self._normalizer_model)
+        ids = _wordpiece(normalized, self._wordpiece_model)
         return tf.cond(
             tf.reduce_any(ids.flat_values == self.unk_id),
             lambda: self._redo_unknown_rows(ids, normalized),
@@ -160,7 +157,7 @@ class BertTokenizer(tf.Module):
         """
         unknown = tf.where(ids.flat_values == self.unk_id)[:, 0]
         rows, _ = tf.unique(tf.searchsorted(ids.row_splits, unknown, side="right") - 1)
-        redone = self._unk_long_words(self._wordpiece_long.tokenize(tf.gather(normalized, rows)))
+        redone = self._unk_long_words(_wordpiece(tf.gather(normalized, rows), self._wordpiece_long_model))
         n = ids.nrows()
         source = tf.tensor_scatter_nd_update(tf.range(n), rows[:, None], n + tf.range(tf.size(rows, tf.int64)))
         return tf.gather(tf.concat([ids, redone], axis=0), source)
@@ -319,7 +316,52 @@ def _read_vocab(vocab) -> list[str]:
 
 
 def _as_uint8(buffer: bytes) -> tf.Tensor:
+    # A uint8 tensor, as tf-text's own classes hold their models (its list() conversion is slow).
     return tf.constant(np.frombuffer(buffer, np.uint8))
+
+
+class _TfTextOps:
+    """The parts of tensorflow-text the tokenizer uses, loaded without `import tensorflow_text`.
+
+    Importing the package loads all of its 22 op libraries (about 115 MB of RSS in every
+    process, bench/RESULTS.md); the tokenizer needs two, plus the WordPiece model builder. The
+    ops registered are tf-text's own, so exported SavedModels still load after
+    `import tensorflow_text`, and importing it later in the same process is harmless.
+    """
+
+    def __init__(self):
+        spec = importlib.util.find_spec("tensorflow_text")  # finds the package without running it
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("bertfit's tokenizer needs tensorflow-text: pip install 'tensorflow-text==2.21.*'")
+        root = Path(spec.submodule_search_locations[0])
+        self.fast_bert_normalize = tf.load_op_library(
+            str(root / "python" / "ops" / "_fast_bert_normalizer.so")).fast_bert_normalize
+        self.fast_wordpiece_tokenize_with_offsets = tf.load_op_library(
+            str(root / "python" / "ops" / "_fast_wordpiece_tokenizer.so")).fast_wordpiece_tokenize_with_offsets
+        name = "tensorflow_text.core.pybinds.pywrap_fast_wordpiece_tokenizer_model_builder"
+        if name not in sys.modules:  # registered under tf-text's name, so the package reuses it
+            path = str(root / "core" / "pybinds" / "pywrap_fast_wordpiece_tokenizer_model_builder.so")
+            loader = importlib.machinery.ExtensionFileLoader(name, path)
+            module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path, loader=loader))
+            loader.exec_module(module)
+            sys.modules[name] = module
+        self.build_fast_wordpiece_model = sys.modules[name].build_fast_wordpiece_model
+
+
+_tf_text_ops = functools.cache(_TfTextOps)
+
+
+def _normalize(texts: tf.Tensor, model: tf.Tensor) -> tf.Tensor:
+    """Normalized texts [batch] (tf-text's FastBertNormalizer.normalize, with our table as model)."""
+    normalized, _, _ = _tf_text_ops().fast_bert_normalize(
+        input_values=texts, fast_bert_normalizer_model=model, get_offsets=False)
+    return normalized
+
+
+def _wordpiece(texts: tf.Tensor, model: tf.Tensor) -> tf.RaggedTensor:
+    """int32 word-piece ids [batch, (n)] of normalized texts [batch] (tf-text's FastWordpieceTokenizer.tokenize)."""
+    _, ids, row_splits, _, _ = _tf_text_ops().fast_wordpiece_tokenize_with_offsets(input_values=texts, wp_model=model)
+    return tf.RaggedTensor.from_row_splits(tf.cast(ids, tf.int32), row_splits, validate=False)
 
 
 # --- the normalizer table ------------------------------------------------------------
