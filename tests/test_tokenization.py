@@ -199,6 +199,27 @@ def test_longest_first_equals_googles_loop(uncased, max_length):
         assert (segments.count(0) - 2, segments.count(1) - 1) == (la, lb)
 
 
+@pytest.mark.parametrize("truncation", ["longest_first", "only_second", "head", "tail", "head+tail"])
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_pack_rows_are_packs_rows_without_padding(uncased, truncation, pair):
+    rng = np.random.default_rng(0)
+
+    def random_ids(n):
+        return ragged(*(rng.integers(1000, 2000, rng.integers(0, 30)) for _ in range(n)))
+
+    a, b = random_ids(60), random_ids(60) if pair else None
+    for max_length, head_tokens in [(None, None), (4, None), (9, None), (24, None), (64, None), (24, 3)]:
+        if head_tokens and truncation != "head+tail":
+            continue
+        options = dict(max_length=max_length, truncation=truncation, head_tokens=head_tokens)
+        packed = uncased.pack(a, b, **options)
+        mask = packed["padding_mask"].numpy().astype(bool)
+        ids, segments, lengths = uncased.pack_rows(a, b, **options)
+        assert ids.tolist() == packed["token_ids"].numpy()[mask].tolist(), options
+        assert segments.tolist() == packed["segment_ids"].numpy()[mask].tolist(), options
+        assert lengths.tolist() == mask.sum(axis=1).tolist(), options
+
+
 def test_only_second(uncased):
     a, b = ragged(range(1, 4), range(1, 11)), ragged(range(11, 21), range(11, 14))
     out = uncased.pack(a, b, max_length=8, truncation="only_second")

@@ -69,12 +69,6 @@ def _offsets(lengths: list[np.ndarray]) -> np.ndarray:
     return offsets
 
 
-def _strip(packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A padded batch -> (flat ids, flat segments, row lengths) without the padding."""
-    mask = packed["padding_mask"].numpy().astype(bool)
-    return packed["token_ids"].numpy()[mask], packed["segment_ids"].numpy()[mask], mask.sum(axis=1)
-
-
 def encode_options(config) -> dict:
     """encode's keyword arguments from a TrainConfig."""
     return dict(max_length=config.max_length, truncation=config.truncation, head_tokens=config.head_tokens,
@@ -93,10 +87,10 @@ def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_
         return _windows(tokenizer, texts, max_length, stride)
     ids, segments, lengths = [], [], []
     for start in range(0, len(texts), ENCODE_CHUNK):
-        a = texts[start:start + ENCODE_CHUNK]
-        b = None if pairs is None else list(pairs[start:start + ENCODE_CHUNK])
-        for parts, part in zip((ids, segments, lengths), _strip(tokenizer(
-                a, b, max_length=max_length, truncation=truncation, head_tokens=head_tokens))):
+        a = tokenizer.tokenize(texts[start:start + ENCODE_CHUNK])
+        b = None if pairs is None else tokenizer.tokenize(list(pairs[start:start + ENCODE_CHUNK]))
+        for parts, part in zip((ids, segments, lengths), tokenizer.pack_rows(
+                a, b, max_length=max_length, truncation=truncation, head_tokens=head_tokens)):
             parts.append(part)
     return Features.from_rows(ids, segments, lengths, np.arange(len(texts)), len(texts))
 

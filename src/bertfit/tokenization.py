@@ -84,17 +84,18 @@ class BertTokenizer(tf.Module):
         self._piece_chars = tf.constant(
             [len(t) - 2 if t.startswith("##") else len(t) for t in tokens], tf.int32
         )
-        self._tokenize_graph = tf.function(
-            self._tokenize_strings, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False
-        )  # autograph=False: converting tf-text's Python would cost ~1 s per tokenizer
 
     @property
     def vocab(self) -> list[str]:
         return list(self._tokens)
 
     def tokenize(self, texts) -> tf.RaggedTensor:
-        """Word-piece ids, int32 [batch, (n)], without special tokens or truncation."""
-        return self._tokenize_graph(_as_string_batch(texts))
+        """Word-piece ids, int32 [batch, (n)], without special tokens or truncation.
+
+        Eager when called eagerly: its few ops run as fast so, and a tf.function's first call
+        (trace and instantiation) cost 0.2 s per process (bench/RESULTS.md). Inside a graph
+        (tf.data, tf.function, the SavedModel) its ops join that graph."""
+        return self._tokenize_strings(_as_string_batch(texts))
 
     def pack(self, ids_a, ids_b=None, max_length=512, truncation="longest_first", head_tokens=None) -> dict:
         """Packs ids into `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, padded to the longest row.
@@ -125,6 +126,41 @@ class BertTokenizer(tf.Module):
         if pair and None not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
             raise ConfigError(f"{a.shape[0]} first segments but {b.shape[0]} second segments")
         return _pack(a, b, budget, truncation, head_tokens, (self.cls_id, self.sep_id, self.pad_id))
+
+    def pack_rows(self, ids_a, ids_b=None, max_length=512, truncation="longest_first", head_tokens=None):
+        """`pack` in NumPy, without the padding: (flat token ids, flat segment ids, row lengths).
+
+        The same rows as `pack` (the same closed forms); for Python-side features, where a graph's
+        first call (0.1 s) and padding each chunk to its longest row only to strip it are waste."""
+        pair = ids_b is not None
+        budget = _check_options(max_length, truncation, head_tokens, pair)
+        a = _values_and_splits(ids_a)
+        b = _values_and_splits(ids_b) if pair else None
+        if pair and len(a[1]) != len(b[1]):
+            raise ConfigError(f"{len(a[1]) - 1} first segments but {len(b[1]) - 1} second segments")
+        len_a = np.diff(a[1])
+        len_b = np.zeros_like(len_a) if b is None else np.diff(b[1])
+        if budget is None:
+            keep_a, keep_b = len_a, len_b
+        elif truncation == "only_second":
+            keep_a = np.minimum(len_a, budget)
+            keep_b = np.minimum(len_b, budget - keep_a)
+        else:
+            keep_a, keep_b = _longest_first(len_a, len_b, budget, xp=np)
+        b_start = keep_a + 2
+        lengths = b_start if b is None else b_start + keep_b + 1
+        row_start = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.full(row_start[-1], self.sep_id, np.int32)
+        ids[row_start[:-1]] = self.cls_id
+        segments = np.zeros(row_start[-1], np.int8)
+        for part, keep, start in ((a, keep_a, np.ones_like(keep_a)), (b, keep_b, b_start)):
+            if part is not None:
+                row, position, values = _keep_numpy(*part, keep, _head_count(keep, truncation, head_tokens, xp=np))
+                ids[row_start[row] + start[row] + position] = values
+        if b is not None:  # segment 1 from b's first token to the final [SEP]
+            in_b = np.arange(row_start[-1]) - np.repeat(row_start[:-1], lengths) >= np.repeat(b_start, lengths)
+            segments[in_b] = 1
+        return ids, segments, lengths
 
     def __call__(self, texts, pairs=None, max_length=512, truncation="longest_first", head_tokens=None) -> dict:
         """Tokenizes and packs: raw strings (and optional second strings) in, model inputs out."""
@@ -239,25 +275,25 @@ def _pack(a, b, budget, truncation, head_tokens, special_ids):
     }
 
 
-def _longest_first(len_a, len_b, budget):
+def _longest_first(len_a, len_b, budget, xp=tf):
     """Closed form of Google's `_truncate_seq_pair`: pop from the longer, from b on ties.
 
     Popping ends with the shorter segment whole if it fits in half the budget, and
     otherwise with a getting ceil(budget / 2) and b the rest.
     """
-    keep_a = tf.minimum(len_a, tf.maximum((budget + 1) // 2, budget - len_b))
+    keep_a = xp.minimum(len_a, xp.maximum((budget + 1) // 2, budget - len_b))
     fits = len_a + len_b <= budget
-    return tf.where(fits, len_a, keep_a), tf.where(fits, len_b, budget - keep_a)
+    return xp.where(fits, len_a, keep_a), xp.where(fits, len_b, budget - keep_a)
 
 
-def _head_count(keep, truncation, head_tokens):
+def _head_count(keep, truncation, head_tokens, xp=tf):
     """How many of the `keep` tokens of a segment come from its start."""
     if truncation == "tail":
-        return tf.zeros_like(keep)
+        return xp.zeros_like(keep)
     if truncation != "head+tail":
         return keep
     if head_tokens is not None:
-        return tf.minimum(keep, head_tokens)
+        return xp.minimum(keep, head_tokens)
     return (keep * 2 * _HEAD_SHARE[0] + _HEAD_SHARE[1]) // (2 * _HEAD_SHARE[1])  # rounded half up
 
 
@@ -269,6 +305,16 @@ def _keep(ids, keep, head):
     kept = tf.where((position < head) | (position >= head + dropped))[:, 0]
     position = tf.where(position < head, position, position - dropped)
     return tf.gather(row, kept), tf.gather(position, kept), tf.gather(ids.flat_values, kept)
+
+
+def _keep_numpy(values, splits, keep, head):
+    """`_keep` in NumPy on ragged rows (flat values as a tensor, NumPy row splits). Only what is kept
+    comes out of the tensor: a chunk of long texts has many times more word pieces than its rows."""
+    row = np.repeat(np.arange(len(keep)), keep)
+    position = np.arange(len(row)) - np.repeat(np.cumsum(keep) - keep, keep)
+    dropped = np.diff(splits) - keep
+    source = splits[:-1][row] + np.where(position < head[row], position, position + dropped[row])
+    return row, position, tf.gather(values, source).numpy()
 
 
 # --- input conversion --------------------------------------------------------------
@@ -288,6 +334,12 @@ def _as_string_batch(texts):
     if texts.shape.rank is not None and texts.shape.rank > 1:
         raise ConfigError(f"texts must be a string or a 1-D batch of strings, got shape {texts.shape}")
     return tf.reshape(texts, [-1])
+
+
+def _values_and_splits(ids) -> tuple[tf.Tensor, np.ndarray]:
+    """(flat int32 values, NumPy int64 row splits) of ids in any form `pack` takes."""
+    ids = _as_ragged_ids(ids)
+    return ids.flat_values, ids.row_splits.numpy()
 
 
 def _as_ragged_ids(ids):
