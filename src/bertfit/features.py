@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-ENCODE_CHUNK = 2048  # texts per in-graph tokenizer call: large enough to amortise the call
+ENCODE_CHUNK = 2048  # texts per tokenizer call: large enough to amortise the call
 
 
 @dataclass
@@ -77,7 +77,7 @@ def encode_options(config) -> dict:
 
 def encode(tokenizer, texts, pairs=None, *, max_length=128, truncation="longest_first", head_tokens=None,
            long_text="truncate", stride=None) -> Features:
-    """Tokenize all texts (in chunks, in the graph) into rows ready for batching."""
+    """Tokenize all texts (in chunks) into rows ready for batching."""
     if long_text not in ("truncate", "window"):
         raise ConfigError(f"long_text must be 'truncate' or 'window', not {long_text!r}")
     texts = list(texts)

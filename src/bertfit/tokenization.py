@@ -1,4 +1,4 @@
-"""BERT's WordPiece tokenizer and input packing, entirely inside the TensorFlow graph.
+"""BERT's WordPiece tokenizer and input packing, as TensorFlow ops (so they run inside graphs).
 
 The output is that of Google's original BERT `tokenization.py`, with the two
 choices of Hugging Face's `tokenizers` that the project's reference outputs show:
@@ -51,8 +51,9 @@ class BertTokenizer(tf.Module):
     """WordPiece tokenizer (`tokenize`) and BERT input packer (`pack`); `__call__` does both.
 
     Texts may be a str, a list/array of str, or a tf.string tensor of rank 0 or 1
-    (a scalar is a batch of one). Everything runs in the graph, so the tokenizer
-    works eagerly, in `tf.data.Dataset.map`, in a `tf.function` and in a SavedModel.
+    (a scalar is a batch of one). `tokenize` and `pack` are TensorFlow ops, so the
+    tokenizer works eagerly, in `tf.data.Dataset.map`, in a `tf.function` and in a
+    SavedModel; `pack_rows` is `pack` in NumPy, for features prepared in Python.
     """
 
     def __init__(self, vocab, lower_case: bool = True):
