@@ -112,7 +112,9 @@ class Classifier:
         a [rows, heads, length, length] float32 score tensor. Kept near 16 MB (a typical L3 cache),
         the softmax runs from cache: on the 2-core test machine, with oneDNN off, batches of 1 at
         length 512 gave 1.56x the examples/s of batches of 32; with oneDNN on (as bertfit now runs)
-        0.98x, i.e. no longer a gain (bench/levers.py --inference --seq 512, bench/RESULTS.md).
+        0.98x, i.e. no longer a gain (bench/levers.py --inference --seq 512, bench/RESULTS.md). It still
+        bounds memory: 32 rows at 512 would hold 400 MB of scores per layer, where `predict` on 2,000
+        IMDB reviews peaks at the same RSS as on SST-2's short sentences (bench/infer_real.py).
         With MiniLM's 12 heads: 1 row at 512, 5 at 256, 21 at 128, all of a batch at 64 and below.
         """
         import tensorflow as tf
