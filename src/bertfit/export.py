@@ -178,19 +178,13 @@ class TFLiteModule(tf.Module):
 
     def pack(self, a, b=None):
         """Dense token_ids, segment_ids, padding_mask [batch, longest row], as BertTokenizer.pack."""
-        from .tokenization import _head_count, _longest_first
+        from .tokenization import _head_count, _kept_lengths
 
         budget = self._check(b is not None)
         (flat_a, splits_a) = a
         len_a = splits_a[1:] - splits_a[:-1]
         len_b = tf.zeros_like(len_a) if b is None else b[1][1:] - b[1][:-1]
-        if budget is None:
-            keep_a, keep_b = len_a, len_b
-        elif self.truncation == "only_second":
-            keep_a = tf.minimum(len_a, budget)
-            keep_b = tf.minimum(len_b, budget - keep_a)
-        else:
-            keep_a, keep_b = _longest_first(len_a, len_b, budget)
+        keep_a, keep_b = _kept_lengths(len_a, len_b, budget, self.truncation)
         head_a = _head_count(keep_a, self.truncation, self.head_tokens)
         total = keep_a + 2 + (0 if b is None else keep_b + 1)
         pos = tf.range(tf.reduce_max(tf.concat([total, [0]], axis=0)))[None, :]  # [1, width]

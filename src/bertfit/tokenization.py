@@ -141,13 +141,7 @@ class BertTokenizer(tf.Module):
             raise ConfigError(f"{len(a[1]) - 1} first segments but {len(b[1]) - 1} second segments")
         len_a = np.diff(a[1])
         len_b = np.zeros_like(len_a) if b is None else np.diff(b[1])
-        if budget is None:
-            keep_a, keep_b = len_a, len_b
-        elif truncation == "only_second":
-            keep_a = np.minimum(len_a, budget)
-            keep_b = np.minimum(len_b, budget - keep_a)
-        else:
-            keep_a, keep_b = _longest_first(len_a, len_b, budget, xp=np)
+        keep_a, keep_b = _kept_lengths(len_a, len_b, budget, truncation, xp=np)
         b_start = keep_a + 2
         lengths = b_start if b is None else b_start + keep_b + 1
         row_start = np.concatenate([[0], np.cumsum(lengths)])
@@ -248,13 +242,8 @@ def _pack(a, b, budget, truncation, head_tokens, special_ids):
     cls_id, sep_id, pad_id = special_ids
     len_a = a.row_lengths()
     len_b = tf.zeros_like(len_a) if b is None else b.row_lengths()
-    if budget is None:
-        keep_a, keep_b = len_a, len_b
-    elif truncation == "only_second":
-        keep_a = tf.minimum(len_a, budget)
-        keep_b = tf.minimum(len_b, budget - keep_a)
-    else:
-        keep_a, keep_b = _longest_first(len_a, len_b, tf.constant(budget, tf.int64))
+    keep_a, keep_b = _kept_lengths(len_a, len_b, None if budget is None else tf.constant(budget, tf.int64),
+                                   truncation)
 
     # Row r is [CLS] a [SEP] or [CLS] a [SEP] b [SEP]: start from [CLS] and [SEP]s
     # over the row's length, then write the ids of a and b in their places.
@@ -274,6 +263,17 @@ def _pack(a, b, budget, truncation, head_tokens, special_ids):
         "segment_ids": tf.cast(segment_ids, tf.int32),
         "padding_mask": tf.cast(padding_mask, tf.int32),
     }
+
+
+def _kept_lengths(len_a, len_b, budget, truncation, xp=tf):
+    """How many tokens of a and of b each row keeps: all without a budget; only_second shortens b
+    only; every other strategy splits the budget as longest_first does."""
+    if budget is None:
+        return len_a, len_b
+    if truncation == "only_second":
+        keep_a = xp.minimum(len_a, budget)
+        return keep_a, xp.minimum(len_b, budget - keep_a)
+    return _longest_first(len_a, len_b, budget, xp)
 
 
 def _longest_first(len_a, len_b, budget, xp=tf):
