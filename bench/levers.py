@@ -53,7 +53,11 @@ gives the medians of the trace, the first call and the second, and first - secon
 Inference (`--inference`): `Classifier.forward_fn` (what predict and evaluate run) over the same
 `--rows` rows (64) cut into batches of each size in `--batches`: ex/s per batch size, ratio to the first.
 With `--full-last-layer`: the same forward pass with the last layer computed at every position
-against it, at the first batch size. With `--xla`: the same forward pass XLA-compiled
+against it, at the first batch size. With `--chunked-attention`: the same forward pass with each
+layer's attention (scores, softmax, context) computed a few rows at a time in a `tf.while_loop`, as
+many rows as keep the scores within 16 MB (1 row at L=512, 21 at 128), the dense layers still over the
+whole batch (a lever for long rows in fixed batches; bertfit's predict instead splits such batches).
+With `--xla`: the same forward pass XLA-compiled
 (`jit_compile=True`) against it, at the first batch size, and the first call's time (XLA compiles once per input shape, so variable lengths would need
 fixed length buckets, each paying that compile once).
 """
@@ -254,13 +258,54 @@ def run_first_call(seq, repeats):
               f"{extra:>14.3f}{med['trace'] + extra:>15.3f}")
 
 
+def chunked_attention_patches():
+    """(owner, name, value) patches: at inference, attention runs over groups of rows whose scores fit
+    in 16 MB, one group after another (see --chunked-attention)."""
+    import math
+
+    import tensorflow as tf
+    from keras import ops
+
+    from bertfit import modeling
+
+    shipped = modeling.TransformerLayer.call
+
+    def layer_call(self, x, attention_bias, training=False, first_only=False):
+        assert not training, "the chunked variant is for inference"
+        if first_only:  # the [CLS]-only last layer's scores are [batch, heads, 1, seq]: nothing to chunk
+            return shipped(self, x, attention_bias, first_only=True)
+        seq = ops.shape(attention_bias)[3]
+        h = self.num_heads * self.head_size
+        qkv = ops.transpose(ops.reshape(self.qkv(x), (-1, seq, 3, self.num_heads, self.head_size)), (2, 0, 3, 1, 4))
+        q, k, v = modeling._unstack(qkv, 3)
+        q = q * (1.0 / math.sqrt(self.head_size))
+        rows = tf.maximum(1, (16 << 20) // (4 * self.num_heads * seq * seq))
+        chunks = (tf.shape(q)[0] + rows - 1) // rows
+
+        def body(i, out):
+            part = slice(i * rows, (i + 1) * rows)
+            probs = tf.nn.softmax(tf.matmul(q[part], k[part], transpose_b=True) + attention_bias[part])
+            return i + 1, out.write(i, tf.matmul(probs, v[part]))
+
+        _, out = tf.while_loop(lambda i, _: i < chunks, body, (0, tf.TensorArray(q.dtype, size=chunks)),
+                               parallel_iterations=1)
+        context = ops.reshape(ops.transpose(out.concat(), (0, 2, 1, 3)), (-1, h))
+        x = self.attention_norm(x + self.attention_output(context))
+        return self.output_norm(x + self.output_dense(modeling.gelu(self.intermediate(x), self.act, False)))
+
+    return [(modeling.TransformerLayer, "call", layer_call)]
+
+
 def build_forward(xla=False, full_last_layer=False):
     import bertfit
     from bertfit.classifier import Classifier
     from bertfit.config import TrainConfig
     from bertfit.modeling import BertClassifier, dummy_inputs
 
+    import keras
+
     pre = bertfit.load_pretrained("minilm-l6")
+    keras.utils.set_random_seed(0)  # the same random head in every variant, so their outputs compare
     model = (full_last_layer_classifier() if full_last_layer else BertClassifier)(pre.encoder, 2)
     model(dummy_inputs())
     return Classifier(model, pre.tokenizer, ["0", "1"], train_config=TrainConfig()).forward_fn(jit=xla)
@@ -336,6 +381,8 @@ def main(argv=None):
     p.add_argument("--batches", default="32,8,2,1", help="--inference: batch sizes to compare")
     p.add_argument("--rows", type=int, default=64, help="--inference: rows per round")
     p.add_argument("--xla", action="store_true", help="--inference: plain vs XLA-compiled forward pass")
+    p.add_argument("--chunked-attention", action="store_true",
+                   help="--inference: plain vs attention computed in 16 MB groups of rows")
     p.add_argument("--full-last-layer", action="store_true",
                    help="--inference: [CLS]-only last layer (plain) vs the last layer at every position")
     p.add_argument("--settings", help=f"compare process settings instead: some of {','.join(SETTINGS)}")
@@ -366,8 +413,12 @@ def main(argv=None):
         ids, seg, mask, _ = rows(args.rows, args.seq)
         n = len(ids)
         plain = build_forward()  # name -> (forward function, batch size):
-        if args.xla or args.full_last_layer:
+        patched = {}  # forward name -> patches active while it is traced
+        if args.xla or args.full_last_layer or args.chunked_attention:
             forwards = {"plain": (plain, sizes[0])}
+            if args.chunked_attention:
+                forwards["chunked"] = (build_forward(), sizes[0])
+                patched["chunked"] = chunked_attention_patches()
             if args.full_last_layer:
                 forwards["full-last"] = (build_forward(full_last_layer=True), sizes[0])
             if args.xla:
@@ -382,9 +433,17 @@ def main(argv=None):
 
         first = {}
         for name in forwards:  # trace (and compile) each shape
+            shipped = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patched.get(name, [])]
+            for owner, attr, value in patched.get(name, []):
+                setattr(owner, attr, value)
             t = time.perf_counter()
             run_all(name)
             first[name] = time.perf_counter() - t
+            for owner, attr, value in shipped:
+                setattr(owner, attr, value)
+        if "chunked" in forwards:  # the same function of the inputs
+            a, b = (forwards[n][0](ids[:sizes[0]], seg[:sizes[0]], mask[:sizes[0]]).numpy() for n in ("plain", "chunked"))
+            print(f"chunked vs plain, largest difference in the probabilities: {np.abs(a - b).max():.1e}")
         rates = {name: [] for name in forwards}
         for _ in range(args.repeats):
             for name in forwards:
