@@ -10,9 +10,9 @@
 repeat compiles every shape, later repeats load them; the per-repeat lines on stderr show both.
 
 Both sides do the whole job of `bertfit predict RUN --input FILE --output OUT.jsonl`: read the file,
-tokenize, sort by length, batch (32; on a CPU bertfit's attention over batches of long rows runs a
-group of rows at a time, one row at 512 tokens, to keep the scores in cache), run MiniLM-L6, write one
-JSON line per row. Each repeat is a fresh process per side, the sides taking turns; the table gives medians of
+tokenize, sort by length, batch (32; on a CPU bertfit splits batches of long rows further, down to
+one row at 512 tokens, to keep the attention scores in cache), run MiniLM-L6, write one JSON line
+per row. Each repeat is a fresh process per side, the sides taking turns; the table gives medians of
 the job time (after imports and model load, which are reported apart) and each process's peak RSS.
 
 - SST-2 dev: max_length 128. IMDB: a balanced 2,000-review subset of the test set (seed 0), max_length

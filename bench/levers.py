@@ -56,8 +56,7 @@ With `--full-last-layer`: the same forward pass with the last layer computed at 
 against it, at the first batch size. With `--chunked-attention`: the same forward pass with each
 layer's attention (scores, softmax, context) computed a few rows at a time in a `tf.while_loop`, as
 many rows as keep the scores within 16 MB (1 row at L=512, 21 at 128), the dense layers still over the
-whole batch: what `Classifier.forward_fn(grouped=True)` does for batches over the score budget, written
-out here as it was measured before bertfit adopted it (session 13).
+whole batch (a lever for long rows in fixed batches; bertfit's predict instead splits such batches).
 With `--xla`: the same forward pass XLA-compiled
 (`jit_compile=True`) against it, at the first batch size, and the first call's time (XLA compiles once per input shape, so variable lengths would need
 fixed length buckets, each paying that compile once).

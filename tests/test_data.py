@@ -454,14 +454,18 @@ def test_batch_plans_cover_every_row_once_with_little_padding():
     padded = sum(len(b) * lengths[b].max() for b in train)
     assert padded < 1.1 * lengths.sum()  # length-grouped: padding stays small (unsorted: ~1.9x)
 
-    # Inference: longest first, full batches.
-    infer = batch_plan(lengths, 32, shuffle=False)
+    # Inference: longest first; with a score budget, batches of long rows shrink (rows x length^2).
+    budget = 2 * 512 ** 2
+    infer = batch_plan(lengths, 32, shuffle=False, max_scores=budget)
     assert sorted(np.concatenate(infer).tolist()) == list(range(1000))
-    assert [len(b) for b in infer][:-1] == [32] * 31
-    assert all(lengths[a].min() >= lengths[b].max() for a, b in zip(infer, infer[1:]))
+    assert all(len(b) == 1 or len(b) * lengths[b].max() ** 2 <= budget for b in infer)
+    assert len(infer[0]) == 2 and max(map(len, infer)) == 32
+    assert [len(b) for b in batch_plan(lengths, 32, shuffle=False)][:-1] == [32] * 31
 
     # XLA inference: lengths padded to multiples of 16, never past the model's positions.
     from bertfit.features import padded_length
 
     assert [padded_length(n, 16) for n in (1, 16, 17, 500)] == [16, 16, 32, 512]
     assert padded_length(500, 16, cap=510) == 510 and padded_length(20, 16, cap=24) == 24
+    stepped = batch_plan(lengths, 32, shuffle=False, max_scores=budget, length_step=16)
+    assert all(len(b) == 1 or len(b) * padded_length(lengths[b].max(), 16) ** 2 <= budget for b in stepped)

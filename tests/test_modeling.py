@@ -98,28 +98,6 @@ def test_hand_written_gradients_match_autodiff():
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=2e-5)
 
 
-def test_grouped_attention_gives_the_same_outputs():
-    """Attention a few rows at a time (inference on long rows) equals the whole batch at once."""
-    import tensorflow as tf
-
-    model = BertClassifier(build_encoder(TINY), num_labels=3, pooling="mean")
-    rng = np.random.default_rng(0)
-    inputs = batch(rng.integers(1, 100, (5, 9)), [9, 7, 5, 3, 1])
-    whole = model(inputs).numpy()
-    spec = tf.TensorSpec([None, None], tf.int32)
-    traced = tf.function(lambda ids, seg, mask, rows: model({"token_ids": ids, "segment_ids": seg, "padding_mask": mask},
-                                                            attention_rows=rows),
-                         input_signature=[spec, spec, spec, tf.TensorSpec([], tf.int32)])
-    for rows in (1, 2, 5, 8):  # groups of 1, uneven groups (2, 2, 1), the whole batch, more than the batch
-        np.testing.assert_allclose(model(inputs, attention_rows=tf.constant(rows)).numpy(), whole, atol=1e-5)
-        in_graph = traced(inputs["token_ids"], inputs["segment_ids"], inputs["padding_mask"], tf.constant(rows))
-        np.testing.assert_allclose(in_graph.numpy(), whole, atol=1e-5)
-    cls = BertClassifier(model.encoder, num_labels=3)  # [CLS] pooling: the last layer is not grouped
-    np.testing.assert_allclose(cls(inputs, attention_rows=tf.constant(2)).numpy(), cls(inputs).numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match="inference"):
-        model(inputs, training=True, attention_rows=tf.constant(2))
-
-
 def test_classifier_head():
     model = BertClassifier(build_encoder(TINY), num_labels=3)
     logits = model(batch(np.ones((4, 6)), [6, 5, 4, 3]))

@@ -85,43 +85,37 @@ class Classifier:
 
     # -- inference ---------------------------------------------------------------------
 
-    def forward_fn(self, jit: bool = False, grouped: bool = False):
+    def forward_fn(self, jit: bool = False):
         """A traced inference function: padded batch -> probabilities (built once, no retracing).
 
-        jit=True: XLA-compiled, once per input shape (see predict_features). grouped=True: attention
-        runs for as many rows at a time as keep their scores within the score budget (see
-        _score_budget), for batches of long rows."""
-        if (jit, grouped) not in self._forwards:
+        jit=True: XLA-compiled, once per input shape (see predict_features)."""
+        if jit not in self._forwards:
             import tensorflow as tf
 
             spec = tf.TensorSpec([None, None], tf.int32)
-            model, multilabel, budget = self.model, self.multilabel, self._score_budget() or 0
+            model, multilabel = self.model, self.multilabel
 
             # autograph off: no tensor-dependent Python
             @tf.function(input_signature=[spec, spec, spec], autograph=False, jit_compile=jit or None)
             def forward(token_ids, segment_ids, padding_mask):
-                inputs = {"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": padding_mask}
-                if grouped:
-                    length = tf.shape(token_ids)[1]
-                    logits = model(inputs, training=False, attention_rows=tf.maximum(1, budget // (length * length)))
-                else:
-                    logits = model(inputs, training=False)
-                logits = tf.cast(logits, tf.float32)
+                logits = tf.cast(model({"token_ids": token_ids, "segment_ids": segment_ids,
+                                        "padding_mask": padding_mask}, training=False), tf.float32)
                 return tf.sigmoid(logits) if multilabel else tf.nn.softmax(logits)
 
-            self._forwards[jit, grouped] = forward
-        return self._forwards[jit, grouped]
+            self._forwards[jit] = forward
+        return self._forwards[jit]
 
     def _score_budget(self) -> int | None:
-        """Rows x length^2 of attention scores per group on a CPU: None (no limit) where a GPU is used.
+        """Rows x length^2 per inference batch on a CPU: None (no limit) where a GPU is used.
 
         A CPU's attention over long rows is bound by memory traffic: each layer writes and re-reads
-        a [rows, heads, length, length] float32 score tensor (400 MB for 32 rows of 512 tokens). Kept
-        near 16 MB (a typical L3 cache) the softmax runs from cache, and memory stays bounded: batches
-        over the budget attend a group of rows at a time (forward_fn(grouped=True)), 1.11-1.15x
-        faster at length 512 on the 2-core test machine (bench/levers.py --chunked-attention). With
-        MiniLM's 12 heads: 1 row at 512, 5 at 256, 21 at 128; batches of 32 at length 64 and below
-        fit whole. (Splitting such batches into smaller ones instead gained nothing: bench/RESULTS.md.)
+        a [rows, heads, length, length] float32 score tensor. Kept near 16 MB (a typical L3 cache),
+        the softmax runs from cache: on the 2-core test machine, with oneDNN off, batches of 1 at
+        length 512 gave 1.56x the examples/s of batches of 32; with oneDNN on (as bertfit now runs)
+        0.98x, i.e. no longer a gain (bench/levers.py --inference --seq 512, bench/RESULTS.md). It still
+        bounds memory: 32 rows at 512 would hold 400 MB of scores per layer, where `predict` on 2,000
+        IMDB reviews peaks at the same RSS as on SST-2's short sentences (bench/infer_real.py).
+        With MiniLM's 12 heads: 1 row at 512, 5 at 256, 21 at 128, all of a batch at 64 and below.
         """
         import tensorflow as tf
 
@@ -143,16 +137,17 @@ class Classifier:
         2,000 IMDB reviews) compiling, or loading what keep_xla_programs kept, and the extra padding
         cost as much as it saved (bench/RESULTS.md): meant for accelerators and long fixed-shape jobs."""
         jit = self.jit if jit is None else jit
+        forward = self.forward_fn(jit)
         step = JIT_LENGTH_STEP if jit else 1
         out = np.zeros((len(features), len(self.labels)), "float32")
         size, budget = batch_size or self.train_config.eval_batch_size, self._score_budget()
-        for rows in feats.batch_plan(features.lengths, size, shuffle=False):
+        plan = feats.batch_plan(features.lengths, size, shuffle=False, max_scores=budget, length_step=step)
+        for rows in plan:
             b = feats.pad_batch(features, rows, self.tokenizer.pad_id, length_step=step,
                                 max_positions=self.encoder_config.max_positions)
-            if jit:  # every batch of a length has the full row count: one compile per length
-                b = {k: np.pad(v, ((0, size - len(rows)), (0, 0))) for k, v in b.items()}
-            grouped = budget is not None and len(b["token_ids"]) * b["token_ids"].shape[1] ** 2 > budget
-            forward = self.forward_fn(jit, grouped)
+            if jit:  # the row count the plan gives every full batch of this length
+                full = feats.rows_within(budget, b["token_ids"].shape[1], size)
+                b = {k: np.pad(v, ((0, full - len(rows)), (0, 0))) for k, v in b.items()}
             out[rows] = forward(b["token_ids"], b["segment_ids"], b["padding_mask"]).numpy()[:len(rows)]
         return feats.per_example(out, features)
 

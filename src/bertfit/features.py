@@ -162,17 +162,26 @@ def _windows(tokenizer, texts, max_length, stride) -> Features:
 
 
 def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-               group: int = 50) -> list[np.ndarray]:
+               group: int = 50, max_scores: int | None = None, length_step: int = 1) -> list[np.ndarray]:
     """Row indices of each batch.
 
     Training (shuffle=True): a seeded shuffle, then rows sorted by length inside groups of
     `group` batches, then the batch order shuffled: batches hold rows of similar length (little
-    padding) while every epoch still sees a different mix. Inference: sorted by length, longest first.
+    padding) while every epoch still sees a different mix. Inference: sorted by length, and with
+    `max_scores`, batches of long rows shrink so that rows x length^2 stays within it (the length
+    rounded up to a multiple of `length_step`, as pad_batch will pad it).
     """
     n = len(lengths)
     if not shuffle:
         order = np.argsort(-lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        if not max_scores:
+            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        batches, i = [], 0
+        while i < n:  # longest first: each batch as large as the score budget allows
+            rows = rows_within(max_scores, padded_length(int(lengths[order[i]]), length_step), batch_size)
+            batches.append(order[i:i + rows])
+            i += rows
+        return batches
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     span = batch_size * group
@@ -181,6 +190,11 @@ def batch_plan(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
         order[i:i + span] = chunk[np.argsort(-lengths[chunk], kind="stable")]
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def rows_within(max_scores: int | None, length: int, batch_size: int) -> int:
+    """The most rows of `length` (at least 1, at most batch_size) whose rows x length^2 fit max_scores."""
+    return batch_size if not max_scores else max(1, min(batch_size, max_scores // length ** 2))
 
 
 def padded_length(longest: int, step: int = 1, cap: int | None = None) -> int:

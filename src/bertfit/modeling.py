@@ -210,34 +210,6 @@ def _unstack(x, n):
     return ops.unstack(x, n, axis=0)
 
 
-def _softmax(scores, attention_bias):
-    # Softmax in float32 so that mixed precision neither overflows nor loses the mask.
-    # (Keras autocasts float inputs to the layer's compute dtype, so the bias is cast back too.)
-    probs = ops.softmax(ops.cast(scores, "float32") + ops.cast(attention_bias, "float32"), axis=-1)
-    return ops.cast(probs, scores.dtype)
-
-
-def _grouped_attention(q, k, v, attention_bias, rows):
-    """softmax(q k^T + bias) v, `rows` examples at a time, one group after another (inference).
-
-    A batch of 32 rows of 512 tokens holds 400 MB of scores per layer, which the softmax must read
-    and write through memory; in groups whose scores fit a cache (`Classifier.forward_fn` picks 16 MB)
-    it runs 1.11-1.15x faster on the 2-core test machine (bench/levers.py --chunked-attention). The
-    while loop costs tracing time, so batches that do not need it run the plain function."""
-    import tensorflow as tf
-
-    groups = (tf.shape(q)[0] + rows - 1) // rows
-
-    def group(i, out):
-        part = slice(i * rows, (i + 1) * rows)
-        probs = _softmax(tf.matmul(q[part], k[part], transpose_b=True), attention_bias[part])
-        return i + 1, out.write(i, tf.matmul(probs, v[part]))
-
-    parts = tf.TensorArray(q.dtype, groups, infer_shape=False)  # the last group may be smaller
-    _, out = tf.while_loop(lambda i, _: i < groups, group, (0, parts), parallel_iterations=1)
-    return tf.ensure_shape(out.concat(), q.shape)  # a graph's TensorArray forgets the shape
-
-
 class TransformerLayer(keras.layers.Layer):
     """Post-LayerNorm transformer block: self-attention, then the feed-forward network."""
 
@@ -262,9 +234,8 @@ class TransformerLayer(keras.layers.Layer):
                             (self.output_norm, h)):
             layer.build((None, n_in))  # called on [tokens, n_in] rows
 
-    def call(self, x, attention_bias, training=False, first_only=False, attention_rows=None):
+    def call(self, x, attention_bias, training=False, first_only=False):
         """x: the batch's tokens as rows, [batch * seq, h]; attention_bias: [batch, 1, 1, seq].
-        attention_rows (inference): attend for that many examples at a time (see _grouped_attention).
 
         Rows rather than [batch, seq, h], so that each dense layer is one 2-D matmul: on a 3-D input
         Keras's Dense becomes tf.tensordot, a dozen shape ops per matmul, which were most of the
@@ -287,14 +258,12 @@ class TransformerLayer(keras.layers.Layer):
             qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # [3, batch, heads, seq, head_size]
             q, k, v = _unstack(qkv, 3)
         q = q * (1.0 / math.sqrt(self.head_size))
-        if attention_rows is not None and not first_only:
-            if training:
-                raise ValueError("attention_rows is for inference")
-            context = _grouped_attention(q, k, v, attention_bias, attention_rows)
-        else:
-            scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # [batch, heads, seq, seq]
-            probs = self.attention_dropout(_softmax(scores, attention_bias), training=training, rescale=False)
-            context = ops.matmul(probs, v)
+        scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))  # [batch, heads, seq, seq]
+        # Softmax in float32 so that mixed precision neither overflows nor loses the mask.
+        # (Keras autocasts float inputs to the layer's compute dtype, so the bias is cast back too.)
+        probs = ops.softmax(ops.cast(scores, "float32") + ops.cast(attention_bias, "float32"), axis=-1)
+        probs = self.attention_dropout(ops.cast(probs, x.dtype), training=training, rescale=False)
+        context = ops.matmul(probs, v)
         if training and self.attention_dropout.rate > 0:  # dropout's rescaling, on the 8x smaller tensor
             context = context * self.attention_dropout.scale
         context = ops.reshape(ops.transpose(context, (0, 2, 1, 3)), (-1, h))
@@ -319,10 +288,9 @@ class BertEncoder(keras.Model):
                                          name="pooler")
         self.pooler.build((None, config.hidden_size))
 
-    def call(self, inputs, training=False, first_only=False, attention_rows=None):
+    def call(self, inputs, training=False, first_only=False):
         """first_only=True: the last layer computes position 0 alone, so sequence_output is [batch, 1, h]
-        and pooled_output is unchanged (for MiniLM-L6 at length 128, 14 % fewer matmul FLOPs).
-        attention_rows: see TransformerLayer.call."""
+        and pooled_output is unchanged (for MiniLM-L6 at length 128, 14 % fewer matmul FLOPs)."""
         token_ids = inputs["token_ids"]
         mask = ops.cast(inputs["padding_mask"], "float32")
         # Additive mask [batch, 1, 1, seq]: padded keys get -1e9 before the softmax.
@@ -332,8 +300,7 @@ class BertEncoder(keras.Model):
         x = ops.reshape(x, (-1, h))  # tokens as rows: see TransformerLayer.call
         last = len(self.encoder_layers) - 1
         for n, layer in enumerate(self.encoder_layers):
-            x = layer(x, attention_bias, training=training, first_only=first_only and n == last,
-                      attention_rows=attention_rows)
+            x = layer(x, attention_bias, training=training, first_only=first_only and n == last)
         x = ops.reshape(x, (-1, 1 if first_only and last >= 0 else ops.shape(token_ids)[1], h))
         pooled = self.pooler(x[:, 0])
         return {"sequence_output": x, "pooled_output": pooled}
@@ -440,10 +407,9 @@ class BertClassifier(keras.Model):
             num_labels, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02), name="classifier")
         self.classifier.build((None, encoder.config.hidden_size))
 
-    def call(self, inputs, training=False, attention_rows=None):
+    def call(self, inputs, training=False):
         # [CLS] pooling reads nothing else from the last layer, so it computes nothing else there.
-        outputs = self.encoder(inputs, training=training, first_only=self.pooling == "cls",
-                               attention_rows=attention_rows)
+        outputs = self.encoder(inputs, training=training, first_only=self.pooling == "cls")
         if self.pooling == "cls":
             pooled = outputs["pooled_output"]
         else:
