@@ -3,6 +3,7 @@
     bash bench/setup_anchors.sh                        # once: .venv-bench with torch, transformers, keras-hub
     .venv-bench/bin/python bench/step.py               # MiniLM-L6, L in {32, 128, 512}, B=32
     .venv-bench/bin/python bench/step.py --seqs 128 --frameworks bertfit,torch --repeats 7
+    .venv-bench/bin/python bench/step.py --seqs 128 --frameworks bertfit,keras-layers   # the bertfit.layers model
 
 One long-lived worker process per framework; the driver asks them in turn (round-robin, so noise
 from other work on the machine hits every framework alike) to time `--steps` full training steps
@@ -139,6 +140,45 @@ class KerasHubWorker:
         self.model.predict_on_batch(self._inputs(ids, seg, mask))
 
 
+class KerasLayersWorker:
+    """The TF Hub tutorial's model from bertfit.layers: raw strings -> Preprocessor -> Encoder ->
+    Dropout -> Dense, compiled with bertfit.optimizer, stepped by Keras (train_on_batch). Its batches
+    are strings of whole-word vocabulary tokens that tokenize to exactly `seq` ids, so it does the
+    same model work as the others plus the tokenization."""
+
+    def __init__(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import bertfit
+        import keras
+        import tensorflow as tf
+
+        self.import_rss_mb = peak_rss_mb()
+        self.tf = tf
+        text = keras.Input(shape=(), dtype="string")
+        self.preprocessor = bertfit.layers.Preprocessor("minilm-l6", max_length=512)
+        x = bertfit.layers.Encoder("minilm-l6")(self.preprocessor(text))["pooled_output"]
+        self.model = keras.Model(text, keras.layers.Dense(2)(keras.layers.Dropout(0.1)(x)))
+        self.model.compile(optimizer=bertfit.optimizer(total_steps=10_000),
+                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        vocab = self.preprocessor.tokenizer.vocab
+        self.words = np.array([t for t in vocab[1000:29000] if t.isalpha() and t.isascii()])
+        self.texts = {}
+
+    def _texts(self, ids, seq):
+        if seq not in self.texts:
+            words = self.words[ids[:, 1:-1] % len(self.words)]
+            texts = self.tf.constant([" ".join(row) for row in words])
+            assert self.preprocessor(texts)["token_ids"].shape == ids.shape  # same work as the others
+            self.texts[seq] = texts
+        return self.texts[seq]
+
+    def train(self, ids, seg, mask, labels):
+        self.model.train_on_batch(self._texts(ids, ids.shape[1]), labels)
+
+    def infer(self, ids, seg, mask):
+        self.model.predict_on_batch(self._texts(ids, ids.shape[1]))
+
+
 class BertfitXlaWorker(BertfitWorker):
     def __init__(self):
         super().__init__()
@@ -146,7 +186,7 @@ class BertfitXlaWorker(BertfitWorker):
 
 
 WORKERS = {"bertfit": BertfitWorker, "bertfit-xla": BertfitXlaWorker, "torch": TorchWorker,
-           "kerashub": KerasHubWorker}
+           "kerashub": KerasHubWorker, "keras-layers": KerasLayersWorker}
 INFER_ONLY = {"bertfit-xla"}  # its training step is bertfit's
 
 
@@ -240,11 +280,14 @@ def main():
 
 def print_rows(rows, peak, batch):
     anchor = next((r for r in rows if r["framework"] == "torch"), None)
+    ours = next((r for r in rows if r["framework"] == "bertfit"), None)
     for r in rows:
         rate = batch * r["seq"] / r["seconds"] if r["op"] == "train" else batch / r["seconds"]
         unit = "tok/s" if r["op"] == "train" else "ex/s"
         ratio = f"{anchor['seconds'] / r['seconds']:.2f}x" if anchor else "-"
-        print(f"L={r['seq']:<4} {r['op']:<6}{r['framework']:<10}{rate:>10.1f} {unit:<6} {ratio:>7} vs torch  "
+        own = f"{ours['seconds'] / r['seconds']:.2f}x" if ours else "-"
+        print(f"L={r['seq']:<4} {r['op']:<6}{r['framework']:<13}{rate:>10.1f} {unit:<6} {ratio:>7} vs torch "
+              f"{own:>6} vs bertfit  "
               f"{r['gflops']:>6.1f} GFLOP/s ({r['gflops'] / peak:>4.0%} of peak)  spread {r['spread']:.0%}  "
               f"peak RSS {r['rss_mb']:.0f} MB", flush=True)
 

@@ -4,6 +4,11 @@
     clf = bertfit.fine_tune("train.tsv", text="sentence", label="label", out="runs/sst2")
     clf.predict(["a gripping, beautifully shot film"])
     clf = bertfit.load("runs/sst2")
+
+Keras parts, for a model of your own (see bertfit.layers):
+
+    x = bertfit.layers.Encoder("minilm-l6")(bertfit.layers.Preprocessor("minilm-l6")(text))["pooled_output"]
+    model.compile(optimizer=bertfit.optimizer(total_steps=...), ...)
 """
 
 import os
@@ -39,3 +44,19 @@ def load(run_dir):
     from .classifier import load as _load
 
     return _load(run_dir)
+
+
+def optimizer(total_steps, learning_rate=5e-5, **options):
+    """BERT's AdamW recipe for `model.compile`; see bertfit.training.optimizer."""
+    from .training import optimizer as _optimizer
+
+    return _optimizer(total_steps, learning_rate, **options)
+
+
+def __getattr__(name):
+    # `bertfit.layers` on first use: importing it imports TensorFlow and Keras.
+    if name == "layers":
+        import importlib
+
+        return importlib.import_module(".layers", __name__)
+    raise AttributeError(f"module 'bertfit' has no attribute {name!r}")

@@ -192,7 +192,8 @@ class Embeddings(keras.layers.Layer):
         self.position_embeddings = self.add_weight(shape=(config.max_positions, h), initializer=init, name="position_embeddings")
         self.token_type_embeddings = self.add_weight(shape=(config.type_vocab_size, h), initializer=init, name="token_type_embeddings")
         self.layer_norm = LayerNorm(epsilon=config.layer_norm_eps, name="LayerNorm")
-        self.layer_norm.build((None, None, h))
+        with keras.name_scope(self.name):  # variable paths unique per layer (see BertEncoder)
+            self.layer_norm.build((None, None, h))
         self.dropout = Dropout(config.hidden_dropout)
 
     def call(self, token_ids, segment_ids, training=False):
@@ -229,10 +230,11 @@ class TransformerLayer(keras.layers.Layer):
         self.output_norm = LayerNorm(epsilon=config.layer_norm_eps, name="output_norm")
         self.attention_dropout = Dropout(config.attention_dropout)
         self.hidden_dropout = Dropout(config.hidden_dropout)
-        for layer, n_in in ((self.qkv, h), (self.attention_output, h), (self.attention_norm, h),
-                            (self.intermediate, h), (self.output_dense, config.intermediate_size),
-                            (self.output_norm, h)):
-            layer.build((None, n_in))  # called on [tokens, n_in] rows
+        with keras.name_scope(self.name):  # variable paths unique per layer (see BertEncoder)
+            for layer, n_in in ((self.qkv, h), (self.attention_output, h), (self.attention_norm, h),
+                                (self.intermediate, h), (self.output_dense, config.intermediate_size),
+                                (self.output_norm, h)):
+                layer.build((None, n_in))  # called on [tokens, n_in] rows
 
     def call(self, x, attention_bias, training=False, first_only=False):
         """x: the batch's tokens as rows, [batch * seq, h]; attention_bias: [batch, 1, 1, seq].
@@ -282,28 +284,36 @@ class BertEncoder(keras.Model):
     def __init__(self, config: EncoderConfig, init="truncated_normal", **kwargs):
         super().__init__(**kwargs)
         self.config = config
-        self.embeddings = Embeddings(config, init, name="embeddings")
-        self.encoder_layers = [TransformerLayer(config, init, name=f"layer_{n}") for n in range(config.num_layers)]
-        self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh", kernel_initializer=_initializer(init),
-                                         name="pooler")
-        self.pooler.build((None, config.hidden_size))
+        # The weights are made here, outside any call, so without these scopes every layer's variables
+        # would have the same paths ("qkv/kernel"), and the optimizer's per-variable settings (layer-wise
+        # lr decay) are looked up by path: "bert/layer_0/qkv/kernel".
+        with keras.name_scope(self.name):
+            self.embeddings = Embeddings(config, init, name="embeddings")
+            self.encoder_layers = [TransformerLayer(config, init, name=f"layer_{n}") for n in range(config.num_layers)]
+            self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
+                                             kernel_initializer=_initializer(init), name="pooler")
+            self.pooler.build((None, config.hidden_size))
 
     def call(self, inputs, training=False, first_only=False):
         """first_only=True: the last layer computes position 0 alone, so sequence_output is [batch, 1, h]
         and pooled_output is unchanged (for MiniLM-L6 at length 128, 14 % fewer matmul FLOPs)."""
         token_ids = inputs["token_ids"]
-        mask = ops.cast(inputs["padding_mask"], "float32")
-        # Additive mask [batch, 1, 1, seq]: padded keys get -1e9 before the softmax.
-        attention_bias = ops.expand_dims(ops.expand_dims((1.0 - mask) * -1e9, 1), 1)
-        x = self.embeddings(token_ids, inputs["segment_ids"], training=training)
+        x, attention_bias = self.embed(inputs, training)
         h = self.config.hidden_size
-        x = ops.reshape(x, (-1, h))  # tokens as rows: see TransformerLayer.call
         last = len(self.encoder_layers) - 1
         for n, layer in enumerate(self.encoder_layers):
             x = layer(x, attention_bias, training=training, first_only=first_only and n == last)
         x = ops.reshape(x, (-1, 1 if first_only and last >= 0 else ops.shape(token_ids)[1], h))
         pooled = self.pooler(x[:, 0])
         return {"sequence_output": x, "pooled_output": pooled}
+
+    def embed(self, inputs, training=False):
+        """The embeddings as rows [batch * seq, h] (see TransformerLayer.call) and the additive
+        attention mask [batch, 1, 1, seq]: padded keys get -1e9 before the softmax."""
+        mask = ops.cast(inputs["padding_mask"], "float32")
+        attention_bias = ops.expand_dims(ops.expand_dims((1.0 - mask) * -1e9, 1), 1)
+        x = self.embeddings(inputs["token_ids"], inputs["segment_ids"], training=training)
+        return ops.reshape(x, (-1, self.config.hidden_size)), attention_bias
 
     # -- canonical weights -------------------------------------------------------------
 

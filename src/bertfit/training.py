@@ -34,6 +34,7 @@ LOWER_IS_BETTER = {"loss"}
 # -- optimizer and schedule ------------------------------------------------------------------
 
 
+@keras.saving.register_keras_serializable(package="bertfit")
 class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from 0 to the peak, then linear decay to 0 at the last step."""
 
@@ -50,6 +51,7 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
 
+@keras.saving.register_keras_serializable(package="bertfit")
 class AdamW(keras.optimizers.AdamW):
     """AdamW (PyTorch's update; Keras's but for where epsilon goes, see _adamw_update), fused into
     one pass per variable, plus a learning-rate multiplier per variable (layer-wise lr decay).
@@ -67,9 +69,19 @@ class AdamW(keras.optimizers.AdamW):
     them one by one; on SST-2 batches the two norms differ by under 1 %).
     """
 
-    def __init__(self, *args, lr_multipliers=None, **kwargs):
+    def __init__(self, *args, lr_multipliers=None, no_decay=None, sum_over_replicas=True, **kwargs):
         super().__init__(*args, **kwargs)
-        self._lr_multipliers = lr_multipliers or {}
+        self._lr_multipliers = dict(lr_multipliers or {})
+        # With several replicas, sum their gradients before clipping (Keras would clip each replica's
+        # part, then sum); False when the caller has summed them already.
+        self.sum_over_replicas = sum_over_replicas
+        self.no_decay = list(no_decay or [])
+        if self.no_decay:
+            self.exclude_from_weight_decay(var_names=self.no_decay)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_multipliers": self._lr_multipliers, "no_decay": self.no_decay,
+                "sum_over_replicas": self.sum_over_replicas}
 
     def build(self, variables):
         super().build(variables)
@@ -81,6 +93,9 @@ class AdamW(keras.optimizers.AdamW):
             isinstance(v.value if isinstance(v, keras.Variable) else v, tf.Variable) for v in variables)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
+        replica = tf.distribute.get_replica_context()
+        if self.sum_over_replicas and replica is not None and replica.num_replicas_in_sync > 1:
+            grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if not self._fused(trainable_variables):
             return super()._backend_apply_gradients(grads, trainable_variables)
         grads = [_summed_rows(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -112,9 +127,7 @@ class AdamW(keras.optimizers.AdamW):
                       tf.cast(self.beta_2, dtype), tf.cast(self.epsilon, dtype), step)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
-        # Trainer._distributed_step sums the gradients over the replicas itself, before this
-        # optimizer clips them (Keras would clip each replica's part, then sum): nothing is left
-        # to reduce here. With one replica there is nothing to reduce either.
+        # Summed already, before clipping (_backend_apply_gradients), or by the caller.
         return grads_and_vars
 
 
@@ -148,25 +161,43 @@ def _adamw_update(var, m, v, gradient, clip_scale, decay, lr, beta_1, beta_2, ep
     tf.raw_ops.AssignVariableOp(resource=var, value=w - lr / (1 - tf.pow(beta_1, step)) * new_m / denominator)
 
 
-def layerwise_multipliers(model, decay: float) -> dict[str, float]:
-    """Sun et al. 2019: the top layer gets the base lr, each layer below `decay` times the one above."""
+def layerwise_multipliers(encoder, decay: float) -> dict[str, float]:
+    """Sun et al. 2019: the top layer gets the base lr, each layer below `decay` times the one above
+    (the embeddings one step below the first layer); whatever sits above the encoder gets the base lr."""
     if decay == 1.0:
         return {}
-    n = model.encoder.config.num_layers
-    out = {v.path: decay ** n for v in model.encoder.embeddings.trainable_variables}
-    for i, layer in enumerate(model.encoder.encoder_layers):
+    n = encoder.config.num_layers
+    out = {v.path: decay ** n for v in encoder.embeddings.trainable_variables}
+    for i, layer in enumerate(encoder.encoder_layers):
         out.update({v.path: decay ** (n - 1 - i) for v in layer.trainable_variables})
     return out
 
 
-def make_optimizer(model, config: TrainConfig, total_steps: int) -> AdamW:
-    schedule = WarmupLinearDecay(config.learning_rate, total_steps, round(config.warmup_ratio * total_steps))
-    optimizer = AdamW(learning_rate=schedule, weight_decay=config.weight_decay, epsilon=config.adam_epsilon,
-                      global_clipnorm=config.max_grad_norm or None,
-                      lr_multipliers=layerwise_multipliers(model, config.layerwise_lr_decay))
-    # No weight decay on LayerNorm parameters and biases (BERT's recipe).
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
+def optimizer(total_steps: int, learning_rate: float = 5e-5, *, warmup_ratio: float = 0.1,
+              weight_decay: float = 0.01, epsilon: float = 1e-8, clipnorm: float | None = 1.0,
+              layerwise_lr_decay: float = 1.0, encoder=None) -> AdamW:
+    """BERT's fine-tuning optimizer, for `model.compile(optimizer=bertfit.optimizer(...))`: AdamW with
+    linear warmup over `warmup_ratio` of `total_steps` then linear decay to 0, no weight decay on
+    biases and LayerNorm, clipping at global norm `clipnorm`, the fused update (see AdamW).
+    `layerwise_lr_decay` < 1 needs `encoder` (a bertfit.layers.Encoder or BertEncoder)."""
+    if not (isinstance(total_steps, int) and total_steps >= 1):
+        raise ConfigError(f"total_steps must be an integer >= 1 (epochs x steps per epoch), got {total_steps!r}")
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ConfigError(f"warmup_ratio must be between 0 and 1, got {warmup_ratio}")
+    if layerwise_lr_decay != 1.0 and encoder is None:
+        raise ConfigError("layerwise_lr_decay needs encoder=, the encoder whose layers it scales")
+    schedule = WarmupLinearDecay(learning_rate, total_steps, round(warmup_ratio * total_steps))
+    return AdamW(learning_rate=schedule, weight_decay=weight_decay, epsilon=epsilon, global_clipnorm=clipnorm or None,
+                 lr_multipliers=layerwise_multipliers(encoder, layerwise_lr_decay) if encoder is not None else None,
+                 no_decay=["bias", "gamma", "beta"])  # BERT's recipe: no decay on LayerNorm and biases
+
+
+def make_optimizer(model, config: TrainConfig, total_steps: int, sum_over_replicas: bool = True) -> AdamW:
+    result = optimizer(total_steps, config.learning_rate, warmup_ratio=config.warmup_ratio,
+                       weight_decay=config.weight_decay, epsilon=config.adam_epsilon, clipnorm=config.max_grad_norm,
+                       layerwise_lr_decay=config.layerwise_lr_decay, encoder=model.encoder)
+    result.sum_over_replicas = sum_over_replicas
+    return result
 
 
 # -- distribution ---------------------------------------------------------------------------
@@ -296,7 +327,8 @@ class Trainer:
             raise ConfigError("gradient_accumulation with several replicas is not supported: raise batch_size instead")
         total = max(1, steps_per_epoch * config.epochs)
         with strategy.scope():
-            self.optimizer = make_optimizer(self.model, config, total)
+            # _replicated_step sums the gradients over the replicas itself.
+            self.optimizer = make_optimizer(self.model, config, total, sum_over_replicas=False)
             if config.mixed_precision == "fp16":
                 # float16 gradients underflow: the loss is scaled up before the backward pass and the
                 # gradients scaled down before clipping and the update. Keras' dynamic scale starts at
@@ -379,7 +411,7 @@ class Trainer:
             loss, grads = self._replica_gradients(token_ids[start:stop], segment_ids[start:stop],
                                                   padding_mask[start:stop], labels[start:stop], normalizer)
             # Sum the gradients over the replicas here, so that the optimizer clips the global
-            # gradient (AdamW._all_reduce_sum_gradients then has nothing left to do).
+            # gradient (its sum_over_replicas is off).
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
             return loss
