@@ -210,6 +210,47 @@ def test_in_memory_dataframe_and_dict_of_columns():
     error(["data must be a file or folder path, a pandas DataFrame or a dict of columns, not a list"], ["a", "b"])
 
 
+def test_tf_data_datasets_read_as_rows():
+    """Every element structure a tf.data user has: tuples (positional), dicts (tensorflow_datasets'
+    glue/mrpc), Keras's (features, label), batched or not; bad structures fail before any reading."""
+    import tensorflow as tf
+
+    texts, seconds, labels = ["a b", "c", "d e"], ["x", "y", "z"], [1, 0, 1]
+    D = tf.data.Dataset.from_tensor_slices
+    ex = read_examples(D((texts, labels)))
+    assert (ex.texts, ex.pairs, ex.labels, ex.source) == (texts, None, ["1", "0", "1"], "tf.data.Dataset")
+    ex = read_examples(D((texts, seconds, labels)).batch(2))  # batched: read example by example
+    assert (ex.texts, ex.pairs, ex.labels) == (texts, seconds, ["1", "0", "1"])
+    # Tuples fix the columns, whatever options a run saved for its files.
+    assert read_examples(D((texts, ["pos", "neg", "pos"])), text_column="sentence").labels == ["pos", "neg", "pos"]
+    mrpc = D({"sentence1": texts, "sentence2": seconds, "label": labels, "idx": [0, 1, 2]})
+    ex = read_examples(mrpc, text_column="sentence1", pair_column="sentence2")
+    assert (ex.texts, ex.pairs, ex.labels) == (texts, seconds, ["1", "0", "1"])
+    ex = read_examples(D(({"s1": texts, "s2": seconds}, labels)), text_column="s1", pair_column="s2")
+    assert (ex.pairs, ex.labels) == (seconds, ["1", "0", "1"])
+    assert read_examples(D(texts), require_labels=False).labels is None
+    assert read_examples(D({"text": texts, "joy": [True, False, True], "anger": [0, 0, 1]}),
+                         label_columns=["joy", "anger"]).labels == [["joy"], [], ["joy", "anger"]]
+    tags = tf.ragged.constant([["a", "b"], ["b"], []])
+    assert read_examples(D({"text": texts, "label": tags})).labels == [["a", "b"], ["b"], []]
+    ids = D({"text": texts, "label": tf.ragged.constant([[0, 2], [1], [2]])})
+    assert read_examples(ids).labels == [["0", "2"], ["1"], ["2"]]
+    unicode = read_examples(D((["café ünï"], [2])))
+    assert unicode.texts == ["café ünï"] and unicode.labels == ["2"]
+
+    expected = "expected (text, label), (text, pair, label), a dict of columns"
+    error(["tf.data.Dataset: column 'text' holds the texts", "must be tf.string", "int32", expected,
+           "element_spec"], D(([1, 2], [0, 1])))
+    error(["tf.data.Dataset: column 'label' holds the labels", "float32", "0/1 vectors"],
+          D((texts, [[0.0, 1.0]] * 3)))
+    error(["tf.data.Dataset: elements of 4 parts", expected], D((texts, texts, texts, labels)))
+    error(["tf.data.Dataset: no column 'sentence'", "Did you mean", "'sentence1'", "'idx'"], mrpc, text_column="sentence")
+    error(["tf.data.Dataset: expected one value per example (rank 0), or batches of them (rank 1)"], D(([["a"]], [1])).batch(2))
+    error(["tf.data.Dataset, element 2", "empty or missing text"], D((["a", " "], [1, 0])))
+    error(["tf.data.Dataset: no examples"], D((texts, labels)).take(0))
+    error(["tf.data.Dataset: no 'label' column"], D({"text": texts}))
+
+
 def test_limit_and_prediction_files_without_labels(tmp_path):
     path = write(tmp_path / "d.tsv", "index\tsentence\n" + "".join(f"{i}\ts{i}\n" for i in range(100)))
     ex = read_examples(path, require_labels=False, limit=5)

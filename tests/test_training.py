@@ -75,6 +75,52 @@ def test_data_in_memory_trains_and_evaluates_as_its_file_does(tiny_model, binary
     assert split_file["log_loss"] == split_memory["log_loss"] and split_file["train_examples"] == 288
 
 
+def test_tf_data_trains_evaluates_and_predicts_as_its_file_does(tiny_model, binary_files):
+    import tensorflow as tf
+
+    from bertfit.errors import DataError
+
+    train, dev = binary_files
+    rows, dev_rows = sentiment_rows(320, seed=1), sentiment_rows(80, seed=2)  # the rows of the files
+    options = dict(model=tiny_model, log=lambda m: None, **dict(FAST, epochs=1))
+    from_file = bertfit.fine_tune(train, dev, **options)
+    train_ds = tf.data.Dataset.from_tensor_slices(tuple(map(list, zip(*rows)))).batch(32)  # (text, label)
+    dev_ds = tf.data.Dataset.from_tensor_slices(dict(zip(["text", "label"], map(list, zip(*dev_rows)))))
+    from_dataset = bertfit.fine_tune(train_ds, dev_ds, **options)
+    assert from_dataset.metrics["log_loss"] == from_file.metrics["log_loss"]
+    by_file, by_dataset = from_file.evaluate(dev), from_file.evaluate(dev_ds)
+    assert (by_dataset["log_loss"], by_dataset["confusion_matrix"]) == (by_file["log_loss"], by_file["confusion_matrix"])
+    texts = [t for t, _ in dev_rows[:5]]
+    np.testing.assert_array_equal(from_file.predict_proba(tf.data.Dataset.from_tensor_slices(texts)),
+                                  from_file.predict_proba(texts))
+    # A wrong element structure fails before any training, naming what was expected and what was given.
+    with pytest.raises(DataError, match=r"column 'text' holds the texts.*int32.*expected \(text, label\)"):
+        bertfit.fine_tune(tf.data.Dataset.from_tensor_slices(([1, 2], [0, 1])), **options)
+
+
+def test_tf_data_pairs(tiny_model):
+    """(text, pair, label) tuples make a pair classifier; tensorflow_datasets' glue/mrpc dicts name
+    their columns; a dataset without the second texts is refused by a pair run."""
+    import tensorflow as tf
+
+    from bertfit.errors import ConfigError
+
+    rows = sentiment_rows(64, seed=5)
+    texts, labels = [t for t, _ in rows], [int(y == "pos") for _, y in rows]
+    seconds = [f"and the second sentence {i}" for i in range(64)]
+    options = dict(model=tiny_model, log=lambda m: None, **dict(FAST, epochs=1))
+    clf = bertfit.fine_tune(tf.data.Dataset.from_tensor_slices((texts, seconds, labels)), **options)
+    assert clf.data_config.pair_column == "pair" and clf.labels == ["0", "1"]
+    mrpc = tf.data.Dataset.from_tensor_slices({"sentence1": texts, "sentence2": seconds, "label": labels,
+                                               "idx": list(range(64))})
+    by_dict = bertfit.fine_tune(mrpc, text="sentence1", pair="sentence2", **options)
+    assert by_dict.metrics["log_loss"] == clf.metrics["log_loss"]
+    np.testing.assert_array_equal(clf.predict_proba(tf.data.Dataset.from_tensor_slices((texts[:4], seconds[:4], labels[:4]))),
+                                  clf.predict_proba(texts[:4], seconds[:4]))
+    with pytest.raises(ConfigError, match="classifies pairs.*'pair'"):
+        clf.predict_proba(tf.data.Dataset.from_tensor_slices(texts[:4]))
+
+
 def test_a_training_file_streams_through_a_token_cache(tiny_model, tmp_path):
     """Training data is tokenized chunk by chunk into memory-mapped files: Python memory stays
     bounded by a chunk, not the file, and the cache leaves the run folder when training ends."""

@@ -244,3 +244,19 @@ def test_default_pruner_judges_trials_from_their_second_epoch():
     assert not trial.should_prune()  # far behind after epoch 1, but epoch 1 is not judged
     trial.report(0.1, 2)
     assert trial.should_prune()
+
+
+def test_tune_takes_tf_data(tiny_model, tmp_path):
+    """A tf.data.Dataset of (text, pair, label) is tuned over as a file is: a pair task."""
+    import tensorflow as tf
+
+    from bertfit.tuning import tune
+
+    rows = sentiment_rows(96, seed=7)
+    texts, labels = [t for t, _ in rows], [y for _, y in rows]
+    data = tf.data.Dataset.from_tensor_slices((texts, ["the second one"] * 96, labels)).batch(16)
+    space = {"learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    clf = tune(data, trials=1, out=tmp_path / "out", search_space=space, model=tiny_model, epochs=1,
+               batch_size=16, log=lambda m: None, **FAST)
+    assert [t["state"] for t in _trials(tmp_path / "out")] == ["COMPLETE"]
+    assert clf.data_config.pair_column == "pair" and clf.labels == ["neg", "pos"]

@@ -152,6 +152,20 @@ class Classifier:
         return feats.per_example(out, features)
 
     def predict_proba(self, texts, pairs=None) -> np.ndarray:
+        """texts: a string, a list of them, or a tf.data.Dataset of the texts (and their pairs, in the
+        columns this run reads; labels there are ignored)."""
+        from .data import input_options, is_dataset, read_examples
+
+        if is_dataset(texts):
+            if pairs is not None:
+                raise ConfigError("pairs=: a tf.data.Dataset carries its own second texts")
+            options = input_options(self.data_config.read_options(), {}, texts)
+            data = read_examples(texts, **{**options, "label_column": None, "label_columns": None,
+                                           "label_delimiter": None, "label_names": None, "require_labels": False})
+            texts, pairs = data.texts, data.pairs
+            if pairs is None and self.data_config.pair_column is not None:
+                raise ConfigError(f"this run classifies pairs, but the dataset has no second texts: give elements "
+                                  f"(text, pair, label) or a dict with a {self.data_config.pair_column!r} column")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if pairs is not None:
             pairs = [pairs] if isinstance(pairs, str) else list(pairs)
@@ -175,7 +189,8 @@ class Classifier:
                 for label, row in zip(self.decide(probs), probs)]
 
     def evaluate(self, data, **read_options) -> dict:
-        """Metrics (see bertfit.evaluation) on a data file or an Examples object."""
+        """Metrics (see bertfit.evaluation) on a data file, a DataFrame, a dict of columns, a tf.data.Dataset
+        or an Examples object."""
         from .data import Examples, LabelVocab, input_options, read_examples
         from .evaluation import classification_metrics
 

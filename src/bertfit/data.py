@@ -2,7 +2,8 @@
 
 Formats: csv, tsv, jsonl, parquet, tfrecord (tf.train.Example) and folder (DIR/<label>/<file>, also
 read straight from a tar archive: ARCHIVE.tar.gz/inner/folder). Text formats may be gzip-compressed.
-From Python, data may also be in memory: a pandas DataFrame or a dict of equal-length columns.
+From Python, data may also be in memory: a pandas DataFrame, a dict of equal-length columns, or a
+tf.data.Dataset (see _dataset_columns for the element structures it may have).
 Every problem a user can fix raises DataError naming the file and the line (1-based, as an editor
 shows it), row, record, column or field. Also here: the label vocabulary and a stratified split.
 """
@@ -78,11 +79,18 @@ def _archive_parts(path) -> tuple[Path, str] | None:
 
 
 def is_table(data) -> bool:
-    """In-memory data from the Python API: a pandas DataFrame or a dict of columns (not a path)."""
-    return isinstance(data, dict) or (hasattr(data, "columns") and hasattr(data, "iloc"))
+    """In-memory data from the Python API: a pandas DataFrame, a dict of columns or a tf.data.Dataset."""
+    return isinstance(data, dict) or (hasattr(data, "columns") and hasattr(data, "iloc")) or is_dataset(data)
+
+
+def is_dataset(data) -> bool:
+    """A tf.data.Dataset, told without importing TensorFlow."""
+    return hasattr(data, "element_spec") and hasattr(data, "as_numpy_iterator")
 
 
 def _table_name(table) -> str:
+    if is_dataset(table):
+        return "tf.data.Dataset"
     return "dict of columns" if isinstance(table, dict) else type(table).__name__
 
 
@@ -261,6 +269,101 @@ def _memory_rows(table, name):
         raise DataError(f"{name}: columns of different lengths ({', '.join(f'{k!r}: {n}' for k, n in lengths.items())})")
     keys = range(len(next(iter(columns.values()), []))) if keys is None else keys
     return list(columns), where, zip(keys, (dict(zip(columns, values)) for values in zip(*columns.values())))
+
+
+# The columns of a tf.data.Dataset's elements. A tuple is positional: (text,), (text, label) or (text,
+# pair, label); a dict names its columns, as tensorflow_datasets does ({"sentence1", "sentence2", "label",
+# "idx"} for glue/mrpc); Keras's (dict of features, label) is the dict's columns plus "label".
+_TUPLE_COLUMNS = {1: ("text",), 2: ("text", "label"), 3: ("text", "pair", "label")}
+DATASET_ELEMENTS = ("(text, label), (text, pair, label), a dict of columns such as {'sentence': tf.string, "
+                    "'label': tf.int64}, or (dict of columns, label); batched or not")
+
+
+def _named(element):
+    """{column: part} of one dataset element, or of the element_spec (the same structure)."""
+    if isinstance(element, dict):
+        return {str(k): v for k, v in element.items()}
+    if isinstance(element, tuple) and len(element) == 2 and isinstance(element[0], dict):
+        return {**{str(k): v for k, v in element[0].items()}, "label": element[1]}
+    element = element if isinstance(element, tuple) else (element,)
+    return dict(zip(_TUPLE_COLUMNS.get(len(element), ()), element))
+
+
+def dataset_options(data) -> dict:
+    """The column options a positional (tuple) dataset fixes; {} for any other data."""
+    if not is_dataset(data):
+        return {}
+    spec = data.element_spec
+    if isinstance(spec, dict) or (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], dict)):
+        return {}
+    names = _TUPLE_COLUMNS.get(len(spec) if isinstance(spec, tuple) else 1, ())
+    if names:
+        return {"text_column": "text", "pair_column": "pair" if "pair" in names else None,
+                "label_column": "label" if "label" in names else None}
+    return {}
+
+
+def _dataset_columns(dataset, name):
+    """({column: TensorSpec}, batched) of a tf.data.Dataset; a clear error for what is not rows of columns."""
+    import tensorflow as tf
+
+    spec = dataset.element_spec
+    if isinstance(spec, tuple) and len(spec) not in _TUPLE_COLUMNS and not (len(spec) == 2 and isinstance(spec[0], dict)):
+        raise DataError(f"{name}: elements of {len(spec)} parts; expected {DATASET_ELEMENTS}; got element_spec {spec}")
+    columns = _named(spec)
+    for column, part in columns.items():
+        if not isinstance(part, (tf.TensorSpec, tf.RaggedTensorSpec)):
+            raise DataError(f"{name}: column {column!r} is a {type(part).__name__}, not a tensor; expected "
+                            f"{DATASET_ELEMENTS}; got element_spec {spec}")
+    first = columns[next(iter(columns))] if columns else None
+    rank = first.shape.rank if first is not None else None
+    if rank not in (0, 1):
+        raise DataError(f"{name}: expected one value per example (rank 0), or batches of them (rank 1), in column "
+                        f"{next(iter(columns))!r}; got element_spec {spec}")
+    return columns, rank == 1
+
+
+def _check_dataset_column(dataset, columns, batched, column, role, name):
+    """Before anything is read: the text columns hold strings, the label column labels."""
+    import tensorflow as tf
+
+    part, rank = columns[column], 1 if batched else 0
+    expected = (f"expected {DATASET_ELEMENTS}; got element_spec {dataset.element_spec}")
+    if role == "text":
+        if part.dtype != tf.string or part.shape.rank != rank:
+            raise DataError(f"{name}: column {column!r} holds the texts, so it must be tf.string with one "
+                            f"string per example, but it is {part}; {expected}")
+        return
+    if part.shape.rank == rank:  # one label per example
+        ok = part.dtype in (tf.string, tf.bool) or part.dtype.is_integer or part.dtype.is_floating
+    elif part.shape.rank == rank + 1:  # a list per example (multi-label): names, or ids of any number
+        # A fixed-length integer vector could be ids or a 0/1 vector: refused rather than guessed.
+        ok = part.dtype == tf.string or (part.dtype.is_integer and (isinstance(part, tf.RaggedTensorSpec)
+                                                                    or part.shape[-1] is None))
+    else:
+        ok = False
+    if not ok:
+        raise DataError(f"{name}: column {column!r} holds the labels, so it must be one string, integer, float or "
+                        f"bool per example, or for multi-label a list of label names or a ragged list of label "
+                        f"ids (0/1 vectors: one column per label, with label_columns), but it is {part}; {expected}")
+
+
+def _python(value):
+    """A NumPy value from as_numpy_iterator as the Python value a file's reader would give."""
+    if hasattr(value, "to_list"):  # a ragged value
+        return value.to_list()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _dataset_rows(dataset, batched, used):
+    """(element number, {column: value}) per example, counted from 1, for the columns in `used`."""
+    if batched:
+        dataset = dataset.unbatch()
+    for number, element in enumerate(dataset.as_numpy_iterator(), 1):
+        row = _named(element)
+        yield number, {k: _python(row[k]) for k in used}
 
 
 def _tfrecord_rows(path):
@@ -541,6 +644,11 @@ def iter_examples(
     if is_table(path):
         if format not in (None, "table"):
             raise DataError(f"format={format!r} applies to files; this data is a {_table_name(path)} in memory")
+        # A tuple's parts are positional: they fix the columns, whatever a run saved for its files.
+        positional = dataset_options(path)
+        if positional:
+            text_column, pair_column, label_column = (positional[k] for k in ("text_column", "pair_column", "label_column"))
+            label_columns = None
         table, path, format = path, _table_name(path), "table"
     elif not isinstance(path, (str, os.PathLike)):
         raise DataError(f"data must be a file or folder path, a pandas DataFrame or a dict of columns, "
@@ -607,7 +715,18 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
                   encoding, label_delimiter, id_names, require_labels, table=None):
     keyed = format != "csv" and format != "tsv"
     specs = [s for s in (text_column, pair_column, label_column, *(label_columns or ())) if s is not None]
-    if format == "table":  # path is the table's name, for messages
+    if format == "table" and is_dataset(table):  # path is the table's name, for messages
+        spec, batched = _dataset_columns(table, path)
+        names, where = list(spec), "element"
+        columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
+                           require_labels, keyed)
+        used = [columns.text, columns.pair, columns.label, *(k for k, _ in columns.flags or ())]
+        used = list(dict.fromkeys(k for k in used if k is not None))
+        for key in used:
+            role = "text" if key in (columns.text, columns.pair) else "label"
+            _check_dataset_column(table, spec, batched, key, role, path)
+        rows = _dataset_rows(table, batched, used)
+    elif format == "table":
         names, where, rows = _memory_rows(table, path)
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
                            require_labels, keyed)

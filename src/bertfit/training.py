@@ -494,7 +494,8 @@ def label_log_odds(y: np.ndarray) -> np.ndarray:
 
 def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=None, model=None, out=None,
               overwrite=False, resume=False, config_file=None, log=print, on_epoch_end=None, **options) -> Classifier:
-    """Fine-tune a BERT classifier on a data file (or Examples) and write a complete run folder.
+    """Fine-tune a BERT classifier on a data file, a DataFrame, a dict of columns, a tf.data.Dataset (or
+    Examples) and write a complete run folder.
 
     `options` are the flat option names of DataConfig and TrainConfig (the same as the CLI flags
     with dashes turned into underscores); `config_file` is a YAML file of the same keys, which
@@ -503,7 +504,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     this to prune trials). With several workers only the chief writes `out`.
     """
     from .checkpoints import load_pretrained
-    from .data import Examples, LabelVocab, read_examples, read_subset, stratified_indices
+    from .data import Examples, LabelVocab, dataset_options, read_examples, read_subset, stratified_indices
     from .evaluation import choose_thresholds, classification_metrics, write_report
     from .modeling import BertClassifier, dummy_inputs
     from .tokenization import BertTokenizer  # noqa: F401  (fail early if tensorflow-text is broken)
@@ -526,6 +527,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         for key, value in (("text_column", text), ("pair_column", pair), ("label_column", label), ("model", model)):
             if value is not None:
                 flat[key] = value
+        flat.update(dataset_options(train))  # a tuple dataset's parts are (text, [pair,] label)
         data_options, train_options = split_options(flat)
     data_config = DataConfig.from_dict(data_options)
     config = TrainConfig.from_dict(train_options)

@@ -284,7 +284,7 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
         raise BertfitError("bertfit tune needs Optuna: pip install optuna") from None
 
     from . import training
-    from .data import Examples, LabelVocab, read_examples, stratified_split
+    from .data import Examples, LabelVocab, dataset_options, read_examples, stratified_split
 
     if out is None:
         raise ConfigError("tune needs out (the folder for the study and the final run)")
@@ -298,6 +298,7 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     # Options: the YAML file, then explicit options (search_space and pruner included) over it.
     flat = training.load_config_file(config_file) if config_file else {}
     flat.update({k: v for k, v in options.items() if v is not None})
+    flat.update(dataset_options(data))  # a tuple dataset's parts are (text, [pair,] label)
     has_space = "search_space" in flat
     raw_space = flat.pop("search_space", None)
     raw_pruner = flat.pop("pruner", None)
