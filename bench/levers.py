@@ -6,7 +6,7 @@
     .venv/bin/python bench/levers.py --settings default,inter-1,onednn-off --seq 128
 
 Training: every variant is MiniLM-L6 (the default model's weights) with bertfit's own training step
-(`Trainer._train_step`: forward, backward, clipping, AdamW, dropout 0.1), built in one process and
+(`FineTuner.train_step`, as `fit` runs it: forward, backward, clipping, AdamW, dropout 0.1), built in one process and
 timed in turn, round-robin, so that noise from other work on the machine hits each alike; the table
 gives the median tok/s, the ratio to the first variant and the spread of the rounds
 ((max - min) / median). Variants:
@@ -16,7 +16,7 @@ gives the median tok/s, the ratio to the first variant and the spread of the rou
                   operations, the embedding gradient made dense) instead of bertfit's fused update
   autodiff-norm   TF's autodiff of LayerNorm and erf-GELU instead of the hand-written gradients
   no-dropout      dropout 0 (what dropout costs; not a recipe change we make)
-  xla             the whole step XLA-compiled (`--jit`); one fixed shape, so no retracing cost here
+  xla             the forward and backward pass XLA-compiled (`--jit`); one fixed shape, so no retracing cost here
   frozen-words    the 30522 x 384 word-embedding table not trained: the most that a sparse (lazy)
                   embedding update could save. The dense update (as in PyTorch's AdamW) turns the
                   gathered rows' gradient into a full table and runs clipping, weight decay and Adam
@@ -114,7 +114,7 @@ def build_step(variant, batch):
     if variant == "frozen-words":
         pre.encoder.embeddings.word_embeddings.trainable = False
     clf = Classifier(model, pre.tokenizer, ["0", "1"], train_config=config)
-    trainer = training.Trainer(clf, config, tf.distribute.get_strategy(), steps_per_epoch=10_000, class_weights=None)
+    tuner = training.FineTuner(clf, config, batches_per_epoch=10_000)
 
     patches = []
     if variant == "keras-adamw":
@@ -132,7 +132,8 @@ def build_step(variant, batch):
         setattr(owner, name, value)
     ids, seg, mask, labels = batch
     try:
-        step = lambda: trainer._train_step(ids, seg, mask, labels, np.float32(len(labels))).numpy()  # noqa: E731
+        inputs, weights = {"token_ids": ids, "segment_ids": seg, "padding_mask": mask}, np.full(len(labels), 1 / len(labels), "float32")
+        step = lambda: tuner.train_on_batch(inputs, labels, weights)  # noqa: E731
         step()  # traces with the patches in place
     finally:
         for owner, name, value in saved:

@@ -54,7 +54,7 @@ class BertfitWorker:
         from bertfit.classifier import Classifier
         from bertfit.config import TrainConfig
         from bertfit.modeling import BertClassifier, dummy_inputs
-        from bertfit.training import Trainer
+        from bertfit.training import FineTuner
 
         self.import_rss_mb = peak_rss_mb()
         self.tf = tf
@@ -63,12 +63,14 @@ class BertfitWorker:
         self.model(dummy_inputs())
         config = TrainConfig()
         clf = Classifier(self.model, pre.tokenizer, ["0", "1"], train_config=config)
-        self.trainer = Trainer(clf, config, tf.distribute.get_strategy(), steps_per_epoch=10_000, class_weights=None)
+        self.tuner = FineTuner(clf, config, batches_per_epoch=10_000)
         self.clf = clf
         self.forward = clf.forward_fn()
 
     def train(self, ids, seg, mask, labels):
-        self.trainer._train_step(ids, seg, mask, labels, np.float32(len(labels))).numpy()
+        # One step as fit takes it (train_on_batch runs the same compiled train function).
+        inputs = {"token_ids": ids, "segment_ids": seg, "padding_mask": mask}
+        self.tuner.train_on_batch(inputs, labels, np.full(len(labels), 1 / len(labels), "float32"))
 
     def infer(self, ids, seg, mask):
         self.forward(ids, seg, mask).numpy()

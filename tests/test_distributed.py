@@ -34,19 +34,19 @@ WORKER = textwrap.dedent("""
     recipe = json.loads(sys.argv[6])
     seen = []  # per step: the (unpadded) token rows this worker's replica trained on
 
-    original = training.Trainer._gradients
+    original = training.FineTuner._gradients
 
-    def spy(self, token_ids, segment_ids, padding_mask, labels, normalizer):
+    def spy(self, inputs, labels, weights):
         def record(ids, mask):
             seen.append([[int(t) for t, m in zip(row, keep) if m] for row, keep in zip(ids.numpy(), mask.numpy())])
             return np.int32(0)
 
-        done = tf.py_function(record, [token_ids, padding_mask], tf.int32)
+        done = tf.py_function(record, [inputs["token_ids"], inputs["padding_mask"]], tf.int32)
         with tf.control_dependencies([done]):
-            token_ids = tf.identity(token_ids)
-        return original(self, token_ids, segment_ids, padding_mask, labels, normalizer)
+            inputs = {**inputs, "token_ids": tf.identity(inputs["token_ids"])}
+        return original(self, inputs, labels, weights)
 
-    training.Trainer._gradients = spy
+    training.FineTuner._gradients = spy
     clf = training.fine_tune(train, dev, model=model, out=out, strategy="multi-worker", log=lambda m: None, **recipe)
     np.savez(result + ".npz", *clf.model.get_weights())
     with open(result + ".json", "w") as f:
@@ -187,7 +187,7 @@ def test_is_chief():
 
 
 def _train_steps(steps=3, **options):
-    """A few Trainer steps of a tiny random BERT on a fixed batch: (trainer, losses, initial and final
+    """A few training steps of a tiny random BERT on a fixed batch: (FineTuner, losses, initial and final
     weights). Dropout 0, so that runs are comparable."""
     import keras
     import tensorflow as tf
@@ -195,7 +195,7 @@ def _train_steps(steps=3, **options):
     from bertfit.classifier import Classifier
     from bertfit.config import EncoderConfig, TrainConfig
     from bertfit.modeling import BertClassifier, build_encoder
-    from bertfit.training import Trainer, dtype_policy
+    from bertfit.training import FineTuner, dtype_policy
 
     config = TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, dropout=0.0, **options)
     keras.utils.set_random_seed(0)
@@ -203,16 +203,16 @@ def _train_steps(steps=3, **options):
                                    max_positions=64, hidden_dropout=0.0, attention_dropout=0.0)
     with dtype_policy(config.mixed_precision):
         net = BertClassifier(build_encoder(encoder_config), 2, dropout=0.0)
-    trainer = Trainer(Classifier(net, None, ["a", "b"], train_config=config), config,
-                      tf.distribute.get_strategy(), steps_per_epoch=steps, class_weights=None)
+    tuner = FineTuner(Classifier(net, None, ["a", "b"], train_config=config), config, batches_per_epoch=steps)
     rng = np.random.default_rng(0)
     batch = {"token_ids": rng.integers(1000, 2000, (8, 10)).astype("int32"),
              "segment_ids": np.zeros((8, 10), "int32"), "padding_mask": np.ones((8, 10), "int32")}
     batch["padding_mask"][:4, 7:] = 0
     labels = rng.integers(0, 2, 8).astype("int32")
     initial = [np.asarray(w, "float32") for w in net.get_weights()]
-    losses = [trainer.run_batch(batch, labels, 8, apply=True) for _ in range(steps)]
-    return trainer, losses, initial, [np.asarray(w, "float32") for w in net.get_weights()]
+    weights = np.full(8, 1 / 8, "float32")
+    losses = [float(tuner.train_on_batch(batch, labels, weights, return_dict=True)["loss"]) for _ in range(steps)]
+    return tuner, losses, initial, [np.asarray(w, "float32") for w in net.get_weights()]
 
 
 def test_mixed_precision_and_jit_steps_match_float32():
@@ -225,18 +225,18 @@ def test_mixed_precision_and_jit_steps_match_float32():
         np.testing.assert_allclose(a, b, atol=1e-5)
     moved = np.concatenate([(b - a).ravel() for a, b in zip(initial, base_weights)])
     for precision, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
-        trainer, losses, _, weights = _train_steps(mixed_precision=precision)
-        assert trainer.model.encoder.encoder_layers[0].qkv.compute_dtype == dtype
+        tuner, losses, _, weights = _train_steps(mixed_precision=precision)
+        assert tuner.net.encoder.encoder_layers[0].qkv.compute_dtype == dtype
         assert keras.mixed_precision.dtype_policy().name == "float32"  # the global policy is restored
-        assert int(trainer.optimizer.iterations.numpy()) == 3  # no step skipped
+        assert int(tuner.optimizer.iterations.numpy()) == 3  # no step skipped
         np.testing.assert_allclose(losses, base_losses, atol=0.02)
         # The weights moved as in float32: the update, not only the loss, survives the lower precision.
         got = np.concatenate([(b - a).ravel() for a, b in zip(initial, weights)])
         cos = float(moved @ got / np.sqrt((moved @ moved) * (got @ got)))
         assert cos > 0.95, (precision, cos)
         if precision == "fp16":  # trained through Keras' LossScaleOptimizer (dynamic scale from 2**15)
-            assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
-            assert float(trainer.optimizer.dynamic_scale.numpy()) == 2.0 ** 15
+            assert isinstance(tuner.optimizer, keras.optimizers.LossScaleOptimizer)
+            assert float(tuner.optimizer.dynamic_scale.numpy()) == 2.0 ** 15
 
 
 @pytest.mark.slow

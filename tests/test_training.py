@@ -75,6 +75,32 @@ def test_data_in_memory_trains_and_evaluates_as_its_file_does(tiny_model, binary
     assert split_file["log_loss"] == split_memory["log_loss"] and split_file["train_examples"] == 288
 
 
+def test_fine_tune_runs_fit_with_the_users_keras_callbacks(tiny_model, binary_files):
+    """fine_tune trains with keras.Model.fit: a Keras callback of the user's sees every step and the
+    epoch's logs (the training loss and the validation metrics), and Keras's EarlyStopping ends it."""
+    import keras
+
+    train, dev = binary_files
+    steps, epochs = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(batch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            epochs.append(dict(logs))
+
+    # An improvement no model makes (min_delta 2): Keras stops after the second epoch (never after the first).
+    stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=0, min_delta=2.0)
+    clf = bertfit.fine_tune(train, dev, model=tiny_model, log=lambda m: None, callbacks=[Record(), stop], **FAST)
+    history = clf.metrics["history"]
+    assert len(history) == len(epochs) == 2 and FAST["epochs"] == 3
+    assert len(steps) == 2 * 20  # 320 rows in batches of 16
+    for logs, record in zip(epochs, history):
+        assert logs["val_accuracy"] == record["val_accuracy"] and logs["val_loss"] == record["val_loss"]
+        assert logs["loss"] == pytest.approx(record["loss"])
+
+
 def test_tf_data_trains_evaluates_and_predicts_as_its_file_does(tiny_model, binary_files):
     import tensorflow as tf
 
@@ -170,7 +196,7 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model):
     from bertfit.classifier import Classifier
     from bertfit.config import TrainConfig
     from bertfit.modeling import BertClassifier
-    from bertfit.training import Trainer
+    from bertfit.training import FineTuner
 
     rng = np.random.default_rng(0)
     batch = {"token_ids": rng.integers(1000, 2000, (16, 12)).astype("int32"),
@@ -186,13 +212,14 @@ def test_gradient_accumulation_equals_a_bigger_batch(tiny_model):
             if isinstance(layer, keras.layers.Dropout):
                 layer.rate = 0.0
         config = TrainConfig(gradient_accumulation=accumulation, warmup_ratio=0.0, learning_rate=1e-3)
-        trainer = Trainer(Classifier(net, pretrained.tokenizer, ["a", "b"], train_config=config), config,
-                          tf.distribute.get_strategy(), steps_per_epoch=1, class_weights=None)
+        tuner = FineTuner(Classifier(net, pretrained.tokenizer, ["a", "b"], train_config=config), config,
+                          batches_per_epoch=accumulation)
         initial = initial or net.get_weights()
         for part in np.array_split(np.arange(16), accumulation):
             half = {k: v[part] for k, v in batch.items()}
-            trainer.run_batch(half, labels[part], len(part) * accumulation, apply=part[-1] == 15)
-        assert int(trainer.optimizer.iterations.numpy()) == 1
+            # The weights of fit's batches: 1 / (rows of the batch x accumulation).
+            tuner.train_on_batch(half, labels[part], np.full(len(part), 1 / 16, "float32"))
+        assert int(tuner.optimizer.iterations.numpy()) == 1
         weights.append(net.get_weights())
     assert max(np.abs(a - b).max() for a, b in zip(weights[0], initial)) > 1e-4  # the update did happen
     for a, b in zip(*weights):

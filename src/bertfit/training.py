@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import weakref
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -314,119 +315,169 @@ def _clock(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class Trainer:
-    """Owns the model, optimizer and compiled steps; runs epochs; saves and restores its state."""
+class RunFolder(keras.callbacks.Callback):
+    """bertfit's part of `fit`. After each step: the progress line, the NaN check, TensorBoard, and every
+    `checkpoint_every` steps a checkpoint. After each epoch: the validation metrics (also put in the
+    epoch's logs as val_*, for the callbacks after this one, such as the user's), the history, the best
+    weights, a checkpoint, the on_epoch_end hook and early stopping. A checkpoint is the whole training
+    state, the epoch's running loss included, so a resumed run reports what an uninterrupted one does."""
 
-    def __init__(self, classifier: Classifier, config: TrainConfig, strategy, steps_per_epoch: int,
-                 class_weights: np.ndarray | None):
-        self.classifier, self.model, self.config, self.strategy = classifier, classifier.model, config, strategy
-        self.multilabel = classifier.multilabel
-        self.steps_per_epoch = steps_per_epoch
-        self.class_weights = None if class_weights is None else tf.constant(class_weights, tf.float32)
-        if strategy.num_replicas_in_sync > 1 and config.gradient_accumulation > 1:
-            raise ConfigError("gradient_accumulation with several replicas is not supported: raise batch_size instead")
-        total = max(1, steps_per_epoch * config.epochs)
-        with strategy.scope():
-            # _replicated_step sums the gradients over the replicas itself.
-            self.optimizer = make_optimizer(self.model, config, total, sum_over_replicas=False)
-            if config.mixed_precision == "fp16":
-                # float16 gradients underflow: the loss is scaled up before the backward pass and the
-                # gradients scaled down before clipping and the update. Keras' dynamic scale starts at
-                # 2**15, halves (and skips the step) on inf/nan and doubles after 2000 finite steps.
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-            self.optimizer.build(self.model.trainable_variables)
-            self.accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
-                                 for v in self.model.trainable_variables] if config.gradient_accumulation > 1 else []
-        spec = tf.TensorSpec([None, None], tf.int32)
-        label_spec = tf.TensorSpec([None, None] if self.multilabel else [None], tf.float32 if self.multilabel else tf.int32)
-        # autograph=False: the steps have no Python control flow on tensors, and converting
-        # Keras's and the optimizer's Python costs a second or more of tracing per trainer.
-        signature = [spec, spec, spec, label_spec, tf.TensorSpec([], tf.float32)]
-        self._train_step = tf.function(self._step, input_signature=signature, jit_compile=config.jit or None,
-                                       autograph=False)
-        self._accumulate_step = tf.function(self._accumulate, input_signature=signature,
-                                            jit_compile=config.jit or None, autograph=False)
-        self._apply_accumulated = tf.function(self._apply, autograph=False)
-        # Any strategy but the default one trains through strategy.run (see _distributed_step).
-        self._distributed_fn = None
-        if strategy.num_replicas_in_sync > 1 or strategy is not tf.distribute.get_strategy():
-            self._distributed_fn = tf.function(self._replicated_step, input_signature=signature, autograph=False)
-            self._replica_gradients = (tf.function(self._gradients, jit_compile=True, autograph=False) if config.jit
-                                       else self._gradients)
+    def __init__(self, run, plan):
+        super().__init__()
+        self.run, self.plan = run, plan  # run: a SimpleNamespace of what fine_tune set up
+        self.batches, self.progress, self.recent = [], None, []
 
-    def _loss_sum(self, labels, logits):
-        logits = tf.cast(logits, tf.float32)
-        if self.multilabel:
-            per_example = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1)
+    def on_epoch_begin(self, epoch, logs=None):
+        run = self.run
+        self.batches = self.plan(run.state["epoch"])
+        self.progress = Progress(run.state["epoch"] + 1, run.config.epochs, len(self.batches))
+        self.recent = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        run, state = self.run, self.run.state
+        b, config = state["batch"], run.config
+        loss = float(np.asarray(logs["loss"]).reshape(-1)[0]) * config.gradient_accumulation
+        if not math.isfinite(loss):
+            raise BertfitError(f"the training loss became {loss} at epoch {state['epoch'] + 1}, batch {b + 1}: "
+                               "lower --learning-rate (or use bf16 instead of fp16)")
+        rows = self.batches[b]
+        self.recent = self.recent[-49:] + [loss]
+        state.update(batch=b + 1, loss_sum=state["loss_sum"] + loss, loss_count=state["loss_count"] + 1,
+                     train_tokens=state["train_tokens"] + len(rows) * int(run.lengths[rows].max()))
+        self.progress.update(b + 1, float(np.mean(self.recent)), len(rows))
+        apply = (b + 1) % config.gradient_accumulation == 0 or b + 1 == len(self.batches)
+        step = int(run.tuner.optimizer.iterations.numpy())
+        if run.writer is not None and step % 10 == 0 and apply:
+            with run.writer.as_default(step=step):
+                tf.summary.scalar("train/loss", float(np.mean(self.recent[-10:])))
+                tf.summary.scalar("train/learning_rate", float(run.tuner.optimizer.learning_rate))
+        if apply and config.checkpoint_every and step % config.checkpoint_every == 0 and b + 1 < len(self.batches):
+            run.checkpoint()
+
+    def on_epoch_end(self, epoch, logs=None):
+        run, state = self.run, self.run.state
+        epoch = state["epoch"] + 1
+        self.progress.update(len(self.batches), float(np.mean(self.recent)) if self.recent else float("nan"), 0,
+                             final=True)
+        val_metrics, _, _ = run.evaluate()
+        record = {"epoch": epoch, "loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
+                  "val_loss": val_metrics["log_loss"],
+                  **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float) and k != "log_loss"}}
+        state["history"].append(record)
+        if logs is not None:
+            logs.update({k: v for k, v in record.items() if k != "epoch" and v is not None})
+        value = val_metrics["log_loss"] if run.metric == "loss" else val_metrics[run.metric]
+        run.log(f"epoch {epoch}: validation {run.metric} {value:.4f}, loss {val_metrics['log_loss']:.4f}")
+        if run.writer is not None:
+            with run.writer.as_default(step=epoch):
+                for k, v in record.items():
+                    if k != "epoch" and v is not None:
+                        tf.summary.scalar(f"epoch/{k}", v)
+        best = state["best"]
+        if best is None or (value < best if run.metric in LOWER_IS_BETTER else value > best):
+            state.update(best=value, best_epoch=epoch, stale=0)
+            run.keep_best()
         else:
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-            if self.class_weights is not None:
-                per_example *= tf.gather(self.class_weights, labels)
-        return tf.reduce_sum(per_example)
+            state["stale"] += 1
+        state.update(epoch=epoch, batch=0, loss_sum=0.0, loss_count=0)
+        run.checkpoint()
+        if run.on_epoch_end is not None:
+            run.on_epoch_end(epoch, val_metrics)
+        if run.config.early_stopping and state["stale"] >= run.config.early_stopping:
+            run.log(f"early stopping: no improvement in validation {run.metric} for {state['stale']} epoch(s)")
+            self.model.stop_training = True
+            run.stopped = True
 
-    def _gradients(self, token_ids, segment_ids, padding_mask, labels, normalizer):
+
+class FineTuner(keras.Model):
+    """The classifier with BERT's training step, for `model.fit` (and `train_on_batch`).
+
+    A batch is (inputs, labels, weights). A row's weight is its class weight divided by the rows of one
+    update (the global batch times gradient_accumulation), so that the weighted losses summed over the
+    batch and over every replica make the update's mean loss (see the comment at make_strategy): the
+    optimizer sums the replicas' gradients before it clips them. With gradient_accumulation k, the
+    gradients of k batches are summed and applied at every k-th batch of an epoch and at its last.
+    """
+
+    def __init__(self, classifier: Classifier, config: TrainConfig, batches_per_epoch: int):
+        super().__init__()  # in the distribution strategy's scope, if any: fit runs its steps in that strategy
+        self.net, self.multilabel = classifier.model, classifier.multilabel
+        self.accumulation, self.batches_per_epoch = config.gradient_accumulation, batches_per_epoch
+        if self.distribute_strategy.num_replicas_in_sync > 1 and self.accumulation > 1:
+            raise ConfigError("gradient_accumulation with several replicas is not supported: raise batch_size instead")
+        optimizer = make_optimizer(self.net, config, max(1, math.ceil(batches_per_epoch / self.accumulation) * config.epochs))
+        if config.mixed_precision == "fp16":
+            # float16 gradients underflow: the loss is scaled up before the backward pass and the
+            # gradients scaled down before clipping and the update. Keras' dynamic scale starts at
+            # 2**15, halves (and skips the step) on inf/nan and doubles after 2000 finite steps.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(self.net.trainable_variables)
+        self.accumulators = [tf.Variable(tf.zeros_like(v), trainable=False)
+                             for v in self.net.trainable_variables] if self.accumulation > 1 else []
+        self.batches_seen = tf.Variable(0, trainable=False, dtype=tf.int64) if self.accumulation > 1 else None
+        self.compile(optimizer=optimizer, jit_compile=False)
+        # XLA for the forward and backward pass only: the update's all-reduce stays outside it.
+        self._gradients_fn = (tf.function(self._gradients, jit_compile=True, autograph=False) if config.jit
+                              else self._gradients)
+
+    def call(self, inputs, training=False):
+        return self.net(inputs, training=training)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Everything is built already. Under a strategy, Keras's fit would build from the first batch
+        # averaged over the replicas, which fails when their parts differ in shape (length-grouped rows).
+        pass
+
+    def _gradients(self, inputs, labels, weights):
         with tf.GradientTape() as tape:
-            logits = self.model({"token_ids": token_ids, "segment_ids": segment_ids, "padding_mask": padding_mask},
-                                training=True)
-            loss = self._loss_sum(labels, logits) / normalizer
+            logits = tf.cast(self.net(inputs, training=True), tf.float32)
+            if self.multilabel:
+                per_example = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits), -1)
+            else:
+                per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            loss = tf.reduce_sum(per_example * weights)
             scaled = self.optimizer.scale_loss(loss)  # fp16: times the loss scale; else the loss itself
-        return loss, tape.gradient(scaled, self.model.trainable_variables)
+        return loss, tape.gradient(scaled, self.net.trainable_variables)
 
-    def _step(self, token_ids, segment_ids, padding_mask, labels, normalizer):
-        loss, grads = self._gradients(token_ids, segment_ids, padding_mask, labels, normalizer)
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        return loss
+    def train_step(self, data):
+        inputs, labels, weights = data
+        variables = self.net.trainable_variables
+        loss, grads = self._gradients_fn(inputs, labels, weights)
+        if self.accumulation == 1:
+            self.optimizer.apply_gradients(zip(grads, variables))
+        else:
+            for acc, g in zip(self.accumulators, grads):
+                # An embedding's gradient (gathered rows) is added row by row, not as a whole dense table.
+                acc.scatter_add(g) if isinstance(g, tf.IndexedSlices) else acc.assign_add(g)
+            b = self.batches_seen % self.batches_per_epoch + 1  # this batch's number in its epoch
+            tf.cond((b % self.accumulation == 0) | (b == self.batches_per_epoch), self._apply_accumulated, tf.no_op)
+            self.batches_seen.assign_add(1)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # The batch's loss, on every replica; as a vector, which Keras's multi-worker mean needs.
+            loss = tf.reshape(replica.all_reduce(tf.distribute.ReduceOp.SUM, loss), [1])
+        return {"loss": loss}
 
-    def _accumulate(self, token_ids, segment_ids, padding_mask, labels, normalizer):
-        loss, grads = self._gradients(token_ids, segment_ids, padding_mask, labels, normalizer)
-        for acc, g in zip(self.accumulators, grads):
-            # An embedding's gradient (gathered rows) is added row by row, not as a whole dense table.
-            acc.scatter_add(g) if isinstance(g, tf.IndexedSlices) else acc.assign_add(g)
-        return loss
-
-    def _apply(self):
-        self.optimizer.apply_gradients(zip([a.read_value() for a in self.accumulators], self.model.trainable_variables))
+    def _apply_accumulated(self):
+        self.optimizer.apply_gradients(zip([a.read_value() for a in self.accumulators], self.net.trainable_variables))
         for acc in self.accumulators:
             acc.assign(tf.zeros_like(acc))
-
-    def run_batch(self, batch, labels, normalizer, apply: bool) -> float:
-        args = (batch["token_ids"], batch["segment_ids"], batch["padding_mask"], labels, np.float32(normalizer))
-        if self.config.gradient_accumulation == 1:
-            if self._distributed_fn is None:
-                return float(self._train_step(*args))
-            return float(self._distributed_step(*args))
-        loss = float(self._accumulate_step(*args))
-        if apply:
-            self._apply_accumulated()
-        return loss
-
-    def _distributed_step(self, token_ids, segment_ids, padding_mask, labels, normalizer):
-        """One step on the global batch, split across the replicas (see the comment at make_strategy)."""
-        return self._distributed_fn(token_ids, segment_ids, padding_mask, labels, normalizer)
-
-    def _replicated_step(self, token_ids, segment_ids, padding_mask, labels, normalizer):
-        def replica_step(token_ids, segment_ids, padding_mask, labels, normalizer):
-            ctx = tf.distribute.get_replica_context()
-            start, stop = replica_rows(tf.shape(labels)[0], ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group)
-            loss, grads = self._replica_gradients(token_ids[start:stop], segment_ids[start:stop],
-                                                  padding_mask[start:stop], labels[start:stop], normalizer)
-            # Sum the gradients over the replicas here, so that the optimizer clips the global
-            # gradient (its sum_over_replicas is off).
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-            return loss
-
-        per_replica = self.strategy.run(replica_step, args=(token_ids, segment_ids, padding_mask, labels, normalizer))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return tf.no_op()
 
     # -- state ----------------------------------------------------------------------------
 
+    def _state_variables(self, with_optimizer):
+        variables = list(self.net.variables)
+        if with_optimizer:
+            variables += list(self.optimizer.variables) + self.accumulators
+            variables += [self.batches_seen] if self.batches_seen is not None else []
+        return variables
+
     def state_arrays(self, with_optimizer=True) -> list[np.ndarray]:
-        variables = list(self.model.variables) + (list(self.optimizer.variables) + self.accumulators if with_optimizer else [])
-        return [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+        return [np.asarray(keras.ops.convert_to_numpy(v)) for v in self._state_variables(with_optimizer)]
 
     def load_state_arrays(self, arrays, with_optimizer=True, source="checkpoint"):
-        variables = list(self.model.variables) + (list(self.optimizer.variables) + self.accumulators if with_optimizer else [])
+        variables = self._state_variables(with_optimizer)
         if len(arrays) != len(variables):
             raise BertfitError(f"{source}: holds {len(arrays)} tensors, this run has {len(variables)}: "
                                "it was written by a different model or options")
@@ -434,6 +485,50 @@ class Trainer:
             if tuple(v.shape) != a.shape:
                 raise BertfitError(f"{source}: tensor for {v.path} has shape {a.shape}, expected {tuple(v.shape)}")
             v.assign(a)
+
+
+def training_batches(features, rows, labels, weights, config, pad_id, strategy, epochs, skip=0):
+    """The tf.data pipeline of training batches (inputs, labels, weights) from the token cache, for
+    `epochs` (a range), the first `skip` batches of the first left out (a resumed run has done them).
+
+    Every process builds the same seeded, length-grouped plan; under a distribution strategy each
+    replica gets its contiguous part of every global batch (replica_rows), through
+    distribute_datasets_from_function: one input pipeline per worker, yielding its replicas' parts
+    in turn."""
+    lengths = features.lengths[rows]
+    multilabel = labels.ndim == 2
+    signature = ({k: tf.TensorSpec([None, None], tf.int32) for k in ("token_ids", "segment_ids", "padding_mask")},
+                 tf.TensorSpec([None, labels.shape[1]] if multilabel else [None], tf.float32 if multilabel else tf.int32),
+                 tf.TensorSpec([None], tf.float32))
+
+    def batches(replicas=(0,), num_replicas=1):
+        for epoch in epochs:
+            for b, batch in enumerate(feats.batch_plan(lengths, config.batch_size, shuffle=True, seed=config.seed,
+                                                       epoch=epoch)):
+                if epoch == epochs[0] and b < skip:
+                    continue
+                batch = rows[batch]
+                scale = np.float32(1.0 / (len(batch) * config.gradient_accumulation))
+                for r in replicas:
+                    start, stop = replica_rows(len(batch), num_replicas, r)
+                    part = batch[start:stop]
+                    if len(part):
+                        inputs = feats.pad_batch(features, part, pad_id)
+                    else:  # a short last batch leaves this replica nothing
+                        inputs = {k: np.zeros((0, 1), "int32") for k in signature[0]}
+                    yield inputs, labels[part], (scale * weights[part]).astype("float32")
+
+    if strategy is tf.distribute.get_strategy():
+        return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+
+    def pipeline(context):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        mine = tuple(range(context.input_pipeline_id * local, (context.input_pipeline_id + 1) * local))
+        dataset = tf.data.Dataset.from_generator(lambda: batches(mine, context.num_replicas_in_sync),
+                                                 output_signature=signature)
+        return dataset.prefetch(2)
+
+    return strategy.distribute_datasets_from_function(pipeline)
 
 
 def save_arrays(path: Path, arrays: list[np.ndarray]):
@@ -493,7 +588,8 @@ def label_log_odds(y: np.ndarray) -> np.ndarray:
 
 
 def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=None, model=None, out=None,
-              overwrite=False, resume=False, config_file=None, log=print, on_epoch_end=None, **options) -> Classifier:
+              overwrite=False, resume=False, config_file=None, log=print, on_epoch_end=None, callbacks=None,
+              **options) -> Classifier:
     """Fine-tune a BERT classifier on a data file, a DataFrame, a dict of columns, a tf.data.Dataset (or
     Examples) and write a complete run folder.
 
@@ -501,7 +597,9 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     with dashes turned into underscores); `config_file` is a YAML file of the same keys, which
     explicit options override. `on_epoch_end(epoch, validation_metrics)` is called after each
     epoch's evaluation (epoch counts from 1); an exception it raises ends the run (tuning uses
-    this to prune trials). With several workers only the chief writes `out`.
+    this to prune trials). Training runs `keras.Model.fit`; `callbacks` are Keras callbacks of your own,
+    run after bertfit's, whose epoch logs hold `loss` and the validation metrics (`val_loss`,
+    `val_accuracy`, ...). With several workers only the chief writes `out`.
     """
     from .checkpoints import load_pretrained
     from .data import Examples, LabelVocab, dataset_options, read_examples, read_subset, stratified_indices
@@ -605,18 +703,18 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             net.classifier.bias.assign(label_log_odds(y_train))
     clf = Classifier(net, pretrained.tokenizer, vocab.names, multilabel=data_config.multilabel,
                      train_config=config, data_config=data_config)
-    row_labels = y_all[train_f.example_index]  # indexed by row number, as batches are
 
     batches_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation)
-    weights = balanced_class_weights(y_train, len(vocab.names)) if config.class_weight else None
-    trainer = Trainer(clf, config, strategy, steps_per_epoch, weights)
+    with strategy.scope():
+        tuner = FineTuner(clf, config, batches_per_epoch)
 
     # train_tokens: padded tokens fed to the model, the work actually done (a speed measure).
-    state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0, "train_tokens": 0}
+    state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0, "train_tokens": 0,
+             "loss_sum": 0.0, "loss_count": 0}
     ckpt_dir = out / "checkpoints" if out is not None else None
     writes = out is not None and chief
-    best_arrays = None  # the best weights, kept in memory where no best.npz is written
+    best = {}  # the best weights, kept in memory where no best.npz is written
     if writes:
         ckpt_dir.mkdir(exist_ok=True)
         resolved = {"data": data_config.read_options(), "train": dataclasses.asdict(config)}
@@ -624,16 +722,20 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
             write_atomic(out / "config.yaml", dump_yaml(resolved))
         write_atomic(out / "run.json", json.dumps({"state": "training"}))
     if resume and (ckpt_dir / "last.npz").exists():
-        trainer.load_state_arrays(load_arrays(ckpt_dir / "last.npz"), source=str(ckpt_dir / "last.npz"))
-        state = json.loads((ckpt_dir / "last.json").read_text())
+        tuner.load_state_arrays(load_arrays(ckpt_dir / "last.npz"), source=str(ckpt_dir / "last.npz"))
+        state.update(json.loads((ckpt_dir / "last.json").read_text()))
         log(f"resuming at epoch {state['epoch'] + 1}, batch {state['batch']}")
-
-    writer = tf.summary.create_file_writer(str(out / "logs")) if writes else None
 
     def checkpoint():
         if writes:
-            save_arrays(ckpt_dir / "last.npz", trainer.state_arrays())
+            save_arrays(ckpt_dir / "last.npz", tuner.state_arrays())
             write_atomic(ckpt_dir / "last.json", json.dumps(state))
+
+    def keep_best():
+        if writes:
+            save_arrays(ckpt_dir / "best.npz", tuner.state_arrays(with_optimizer=False))
+        else:
+            best["arrays"] = tuner.state_arrays(with_optimizer=False)
 
     def evaluate_val():
         """Validation metrics; multi-label ones at per-label thresholds chosen on these predictions,
@@ -643,73 +745,41 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
         m = classification_metrics(y_val, probs, vocab.names, multilabel=data_config.multilabel, thresholds=thresholds)
         return m, probs, thresholds
 
+    def plan(epoch):  # the rows of each batch of the epoch, as training_batches makes them
+        return [train_rows[b] for b in feats.batch_plan(train_f.lengths[train_rows], config.batch_size, shuffle=True,
+                                                        seed=config.seed, epoch=epoch)]
+
+    run = SimpleNamespace(config=config, state=state, tuner=tuner, lengths=train_f.lengths, metric=metric, log=log,
+                          writer=tf.summary.create_file_writer(str(out / "logs")) if writes else None,
+                          evaluate=evaluate_val, checkpoint=checkpoint, keep_best=keep_best, on_epoch_end=on_epoch_end,
+                          stopped=False)
+    row_labels = y_all[train_f.example_index].astype("float32" if data_config.multilabel else "int32")  # by row
+    class_weights = balanced_class_weights(y_train, len(vocab.names)) if config.class_weight else None
+    row_weights = (class_weights[row_labels] if class_weights is not None
+                   else np.ones(len(row_labels))).astype("float32")
+    fit_callbacks = [RunFolder(run, plan), *(callbacks or [])]
+
+    def fit(epochs, skip=0):
+        data = training_batches(train_f, train_rows, row_labels, row_weights, config, clf.tokenizer.pad_id, strategy,
+                                epochs, skip)
+        tuner.fit(data, initial_epoch=epochs[0], epochs=epochs[-1] + 1, steps_per_epoch=batches_per_epoch - skip,
+                  shuffle=False, verbose=0, callbacks=fit_callbacks)  # the plan is shuffled already
+
     log(f"training {config.epochs} epoch(s) x {steps_per_epoch} steps, batch {config.batch_size}"
         f"{f' x {config.gradient_accumulation} accumulated' if config.gradient_accumulation > 1 else ''}, "
         f"lr {config.learning_rate:g}, {strategy.num_replicas_in_sync} replica(s); best by validation {metric}")
     train_start = time.perf_counter()
-    while state["epoch"] < config.epochs:
-        epoch = state["epoch"]
-        plan = [train_rows[b] for b in feats.batch_plan(train_f.lengths[train_rows], config.batch_size, shuffle=True,
-                                                        seed=config.seed, epoch=epoch)]
-        progress = Progress(epoch + 1, config.epochs, len(plan))
-        losses = []
-        for b in range(state["batch"], len(plan)):
-            rows = plan[b]
-            batch = feats.pad_batch(train_f, rows, clf.tokenizer.pad_id)
-            labels = row_labels[rows]
-            apply = (b + 1) % config.gradient_accumulation == 0 or b + 1 == len(plan)
-            loss = trainer.run_batch(batch, labels, len(rows) * config.gradient_accumulation, apply)
-            if not math.isfinite(loss):
-                raise BertfitError(f"the training loss became {loss} at epoch {epoch + 1}, batch {b + 1}: "
-                                   "lower --learning-rate (or use bf16 instead of fp16)")
-            losses.append(loss * config.gradient_accumulation)
-            state["batch"] = b + 1
-            state["train_tokens"] = state.get("train_tokens", 0) + int(batch["token_ids"].size)
-            progress.update(b + 1, float(np.mean(losses[-50:])), len(rows))
-            step = int(trainer.optimizer.iterations.numpy())
-            if writer is not None and step % 10 == 0 and apply:
-                with writer.as_default(step=step):
-                    tf.summary.scalar("train/loss", float(np.mean(losses[-10:])))
-                    tf.summary.scalar("train/learning_rate", float(trainer.optimizer.learning_rate))
-            if apply and config.checkpoint_every and step % config.checkpoint_every == 0 and b + 1 < len(plan):
-                checkpoint()
-        progress.update(len(plan), float(np.mean(losses[-50:])) if losses else float("nan"), 0, final=True)
-
-        val_metrics, _, _ = evaluate_val()
-        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                  "val_loss": val_metrics["log_loss"],
-                  **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float) and k != "log_loss"}}
-        state["history"].append(record)
-        value = val_metrics["log_loss"] if metric == "loss" else val_metrics[metric]
-        log(f"epoch {epoch + 1}: validation {metric} {value:.4f}, loss {val_metrics['log_loss']:.4f}")
-        if writer is not None:
-            with writer.as_default(step=epoch + 1):
-                for k, v in record.items():
-                    if k != "epoch" and v is not None:
-                        tf.summary.scalar(f"epoch/{k}", v)
-        improved = state["best"] is None or (value < state["best"] if metric in LOWER_IS_BETTER else value > state["best"])
-        if improved:
-            state.update(best=value, best_epoch=epoch + 1, stale=0)
-            if writes:
-                save_arrays(ckpt_dir / "best.npz", trainer.state_arrays(with_optimizer=False))
-            else:
-                best_arrays = trainer.state_arrays(with_optimizer=False)
-        else:
-            state["stale"] += 1
-        state.update(epoch=epoch + 1, batch=0)
-        checkpoint()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, val_metrics)
-        if config.early_stopping and state["stale"] >= config.early_stopping:
-            log(f"early stopping: no improvement in validation {metric} for {state['stale']} epoch(s)")
-            break
+    if state["batch"] and state["epoch"] < config.epochs:  # resumed mid-epoch: the rest of that epoch alone
+        fit(range(state["epoch"], state["epoch"] + 1), skip=state["batch"])
+    if state["epoch"] < config.epochs and not run.stopped:
+        fit(range(state["epoch"], config.epochs))
     train_seconds = time.perf_counter() - train_start
     if train_ex is None:
         remove_cache()
 
     if state["best_epoch"] is not None and state["best_epoch"] != len(state["history"]):
-        best = best_arrays if best_arrays is not None else load_arrays(ckpt_dir / "best.npz")
-        trainer.load_state_arrays(best, with_optimizer=False, source="best checkpoint")
+        arrays = best["arrays"] if "arrays" in best else load_arrays(ckpt_dir / "best.npz")
+        tuner.load_state_arrays(arrays, with_optimizer=False, source="best checkpoint")
         log(f"restored the best weights (epoch {state['best_epoch']})")
 
     val_metrics, val_probs, clf.thresholds = evaluate_val()
@@ -737,8 +807,8 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
 
             export_saved_model(clf, out / "saved_model")
         clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1)})
-        if writer is not None:
-            writer.close()
+        if run.writer is not None:
+            run.writer.close()
     clf.run_dir = out if writes else None
     return clf
 
