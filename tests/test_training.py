@@ -417,3 +417,6 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert abs(a["log_loss"] - b["log_loss"]) <= 1e-4 and a["accuracy"] == b["accuracy"]
+    # The interrupted epoch's training loss too: its running sum is in the checkpoint (issue 26, item 3).
+    for before, after in zip(a["history"], b["history"], strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-4), (a["history"], b["history"])

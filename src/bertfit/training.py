@@ -1,5 +1,7 @@
-"""Fine-tuning: the BERT recipe (AdamW, warmup then linear decay, clipping), the training loop,
-resumable checkpoints, early stopping on a validation metric, and the run folder.
+"""Fine-tuning: the BERT recipe (AdamW, warmup then linear decay, clipping), FineTuner (the classifier
+with its train_step, run by keras.Model.fit on a tf.data pipeline of length-grouped batches), and the
+RunFolder callback: resumable checkpoints, validation after each epoch, the best weights, early stopping,
+and the run folder.
 """
 
 from __future__ import annotations
@@ -322,14 +324,14 @@ class RunFolder(keras.callbacks.Callback):
     weights, a checkpoint, the on_epoch_end hook and early stopping. A checkpoint is the whole training
     state, the epoch's running loss included, so a resumed run reports what an uninterrupted one does."""
 
-    def __init__(self, run, plan):
+    def __init__(self, run: "Run"):
         super().__init__()
-        self.run, self.plan = run, plan  # run: a SimpleNamespace of what fine_tune set up
+        self.run = run
         self.batches, self.progress, self.recent = [], None, []
 
     def on_epoch_begin(self, epoch, logs=None):
         run = self.run
-        self.batches = self.plan(run.state["epoch"])
+        self.batches = run.plan(run.state["epoch"])
         self.progress = Progress(run.state["epoch"] + 1, run.config.epochs, len(self.batches))
         self.recent = []
 
@@ -601,40 +603,57 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     run after bertfit's, whose epoch logs hold `loss` and the validation metrics (`val_loss`,
     `val_accuracy`, ...). With several workers only the chief writes `out`.
     """
-    from .checkpoints import load_pretrained
-    from .data import Examples, LabelVocab, dataset_options, read_examples, read_subset, stratified_indices
-    from .evaluation import choose_thresholds, classification_metrics, write_report
-    from .modeling import BertClassifier, dummy_inputs
     from .tokenization import BertTokenizer  # noqa: F401  (fail early if tensorflow-text is broken)
 
     out = Path(out) if out is not None else None
     if resume and out is None:
         raise ConfigError("--resume needs --out (the run folder to continue)")
-    if resume:
+    data_config, config = _resolve_options(train, text, pair, label, model, out if resume else None, config_file,
+                                           options)
+    strategy = make_strategy(config.strategy)  # first: MultiWorkerMirroredStrategy must precede other TF work
+    chief = is_chief(strategy)
+    if out is not None and (chief or resume):  # other workers write nothing (on resume they read the chief's)
+        prepare_out(out, overwrite, resume)
+    keras.utils.set_random_seed(config.seed)
+    data = _read_and_tokenize(train, validation, test, data_config, config, strategy, out if chief else None, log)
+    clf = _classifier(data, data_config, config, strategy)
+    run = Run(clf, data, strategy, out, chief, resume, log, on_epoch_end)
+    run.train(callbacks)
+    if data.remove_cache is not None:
+        data.remove_cache()
+    return run.finish()
+
+
+def _resolve_options(train, text, pair, label, model, resumed, config_file, options):
+    """(DataConfig, TrainConfig): a resumed run's own, or the YAML file's under the explicit options."""
+    from .data import dataset_options
+
+    if resumed is not None:
         import yaml
 
-        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else None
+        saved = yaml.safe_load((resumed / "config.yaml").read_text()) if (resumed / "config.yaml").exists() else None
         if saved is None:
-            raise BertfitError(f"{out}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
+            raise BertfitError(f"{resumed}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
         data_options, train_options = saved["data"], saved["train"]
     else:
-        flat = {}
-        if config_file:
-            flat.update(load_config_file(config_file))
+        flat = load_config_file(config_file) if config_file else {}
         flat.update({k: v for k, v in options.items() if v is not None})
         for key, value in (("text_column", text), ("pair_column", pair), ("label_column", label), ("model", model)):
             if value is not None:
                 flat[key] = value
         flat.update(dataset_options(train))  # a tuple dataset's parts are (text, [pair,] label)
         data_options, train_options = split_options(flat)
-    data_config = DataConfig.from_dict(data_options)
-    config = TrainConfig.from_dict(train_options)
+    return DataConfig.from_dict(data_options), TrainConfig.from_dict(train_options)
 
-    strategy = make_strategy(config.strategy)  # first: MultiWorkerMirroredStrategy must precede other TF work
-    chief = is_chief(strategy)
-    if out is not None and (chief or resume):  # other workers write nothing (on resume they read the chief's)
-        prepare_out(out, overwrite, resume)
-    keras.utils.set_random_seed(config.seed)
+
+def _read_and_tokenize(train, validation, test, data_config, config, strategy, out, log) -> SimpleNamespace:
+    """The pretrained model, the label vocabulary and the tokenized training and validation data.
+
+    A training file streams through the tokenizer into a token cache on disk (any size; its texts are
+    never all in memory); data already in memory is tokenized there. Without validation data, a
+    stratified part of the training data is held out (its rows are already tokenized)."""
+    from .checkpoints import load_pretrained
+    from .data import Examples, LabelVocab, read_examples, read_subset, stratified_indices
 
     def read(source):
         if source is None or isinstance(source, Examples):
@@ -650,17 +669,14 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     if pretrained.config.max_positions < (config.max_length or 0):
         raise ConfigError(f"max_length {config.max_length} exceeds the model's {pretrained.config.max_positions} positions")
     encode_options = feats.encode_options(config)
-
-    # The training data: a file streams through the tokenizer into a token cache on disk (any size;
-    # its texts are never all in memory); data already in memory is tokenized there.
     t0 = time.perf_counter()
-    train_ex = None if isinstance(train, (str, os.PathLike)) else read(train)
+    train_ex, remove_cache = (None if isinstance(train, (str, os.PathLike)) else read(train)), None
     if train_ex is None:
         # In the run folder (a big file's tokens may not fit in /tmp, often held in memory); deleted
         # when training ends, or when a resumed run starts (what a killed run left).
-        for stale in (out.glob(".token-cache-*") if out is not None and chief else ()):
+        for stale in (out.glob(".token-cache-*") if out is not None else ()):
             shutil.rmtree(stale, ignore_errors=True)
-        cache = tempfile.mkdtemp(prefix=".token-cache-", dir=out if out is not None and chief else None)
+        cache = tempfile.mkdtemp(prefix=".token-cache-", dir=out)
         train_labels, train_f = feats.encode_file(pretrained.tokenizer, train, data_config.read_options(), cache,
                                                   **encode_options)
         remove_cache = weakref.finalize(train_f, shutil.rmtree, cache, True)  # also if training fails
@@ -671,7 +687,7 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     vocab = LabelVocab.from_labels(train_labels, multilabel=data_config.multilabel, source=train_source)
     y_all = vocab.encode(train_labels, source=train_source)
     kept = np.arange(train_f.num_examples)
-    if val_ex is None:  # hold out a stratified part of the training data; its rows are already tokenized
+    if val_ex is None:
         kept, held = stratified_indices(train_labels, train_f.num_examples, config.validation_split, config.seed,
                                         train_source)
         val_ex = (train_ex.subset(held) if train_ex is not None
@@ -682,135 +698,158 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     else:
         val_f = feats.encode(pretrained.tokenizer, val_ex.texts, val_ex.pairs, **encode_options)
     train_rows = train_f.rows_of(kept)
-    y_train = y_all[kept]
-    y_val = vocab.encode(val_ex.labels, source=val_ex.source)
     log(f"tokenized {len(kept)} training and {len(val_ex)} validation examples in {time.perf_counter() - t0:.1f}s "
         f"({len(train_rows)} rows, mean {train_f.lengths[train_rows].mean():.0f} tokens)")
     if metric in ("roc_auc", "pr_auc", "f1_positive") and len(vocab.names) != 2:
         raise ConfigError(f"metric {metric} is defined for binary tasks only")
+    return SimpleNamespace(pretrained=pretrained, vocab=vocab, metric=metric, train_f=train_f, train_rows=train_rows,
+                           kept=kept, y_all=y_all, y_train=y_all[kept], val_ex=val_ex, val_f=val_f,
+                           y_val=vocab.encode(val_ex.labels, source=val_ex.source), test_ex=test_ex,
+                           remove_cache=remove_cache)
+
+
+def _classifier(data, data_config, config, strategy) -> Classifier:
+    from .modeling import BertClassifier, dummy_inputs
 
     with strategy.scope(), dtype_policy(config.mixed_precision):
-        encoder = pretrained.encoder
+        encoder = data.pretrained.encoder
         for layer in encoder._flatten_layers():
             if isinstance(layer, keras.layers.Dropout):
                 layer.rate = config.dropout
-        net = BertClassifier(encoder, len(vocab.names), dropout=config.dropout, pooling=config.pooling)
+        net = BertClassifier(encoder, len(data.vocab.names), dropout=config.dropout, pooling=config.pooling)
         net(dummy_inputs())
         if data_config.multilabel:
             # Each label's bias starts at its log-odds in the training data. From 0 (p = 0.5), Adam moves a
             # bias about one learning rate per step: at 5e-5 a rare label (p = 0.02, log-odds -3.9) would
             # need ~80k steps, so the encoder spends the run pushing every logit down instead.
-            net.classifier.bias.assign(label_log_odds(y_train))
-    clf = Classifier(net, pretrained.tokenizer, vocab.names, multilabel=data_config.multilabel,
-                     train_config=config, data_config=data_config)
+            net.classifier.bias.assign(label_log_odds(data.y_train))
+    return Classifier(net, data.pretrained.tokenizer, data.vocab.names, multilabel=data_config.multilabel,
+                      train_config=config, data_config=data_config)
 
-    batches_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation)
-    with strategy.scope():
-        tuner = FineTuner(clf, config, batches_per_epoch)
 
-    # train_tokens: padded tokens fed to the model, the work actually done (a speed measure).
-    state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0, "train_tokens": 0,
-             "loss_sum": 0.0, "loss_count": 0}
-    ckpt_dir = out / "checkpoints" if out is not None else None
-    writes = out is not None and chief
-    best = {}  # the best weights, kept in memory where no best.npz is written
-    if writes:
-        ckpt_dir.mkdir(exist_ok=True)
-        resolved = {"data": data_config.read_options(), "train": dataclasses.asdict(config)}
-        if not resume:
-            write_atomic(out / "config.yaml", dump_yaml(resolved))
-        write_atomic(out / "run.json", json.dumps({"state": "training"}))
-    if resume and (ckpt_dir / "last.npz").exists():
-        tuner.load_state_arrays(load_arrays(ckpt_dir / "last.npz"), source=str(ckpt_dir / "last.npz"))
-        state.update(json.loads((ckpt_dir / "last.json").read_text()))
-        log(f"resuming at epoch {state['epoch'] + 1}, batch {state['batch']}")
+class Run:
+    """One fine-tuning run: its FineTuner, its state (saved in checkpoints/last.json beside the arrays in
+    last.npz), its run folder and its final results. Only the chief writes the folder (self.out is None
+    in the other processes); on resume every process reads the chief's checkpoint."""
 
-    def checkpoint():
-        if writes:
-            save_arrays(ckpt_dir / "last.npz", tuner.state_arrays())
-            write_atomic(ckpt_dir / "last.json", json.dumps(state))
+    def __init__(self, clf, data, strategy, out, chief, resume, log, on_epoch_end):
+        self.clf, self.data, self.strategy, self.log, self.on_epoch_end = clf, data, strategy, log, on_epoch_end
+        self.out = out if chief else None
+        self.config, self.data_config, self.metric = clf.train_config, clf.data_config, data.metric
+        self.lengths = data.train_f.lengths
+        self.batches_per_epoch = math.ceil(len(data.train_rows) / self.config.batch_size)
+        with strategy.scope():
+            self.tuner = FineTuner(clf, self.config, self.batches_per_epoch)
+        # train_tokens: padded tokens fed to the model, the work actually done (a speed measure).
+        self.state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0,
+                      "train_tokens": 0, "loss_sum": 0.0, "loss_count": 0}
+        self.best, self.stopped, self.writer, self.train_seconds = None, False, None, 0.0
+        self.ckpt_dir = out / "checkpoints" if out is not None else None
+        if self.out is not None:
+            self.ckpt_dir.mkdir(exist_ok=True)
+            if not resume:
+                resolved = {"data": self.data_config.read_options(), "train": dataclasses.asdict(self.config)}
+                write_atomic(out / "config.yaml", dump_yaml(resolved))
+            write_atomic(out / "run.json", json.dumps({"state": "training"}))
+            self.writer = tf.summary.create_file_writer(str(out / "logs"))
+        if resume and (self.ckpt_dir / "last.npz").exists():
+            self.tuner.load_state_arrays(load_arrays(self.ckpt_dir / "last.npz"), source=str(self.ckpt_dir / "last.npz"))
+            self.state.update(json.loads((self.ckpt_dir / "last.json").read_text()))
+            log(f"resuming at epoch {self.state['epoch'] + 1}, batch {self.state['batch']}")
 
-    def keep_best():
-        if writes:
-            save_arrays(ckpt_dir / "best.npz", tuner.state_arrays(with_optimizer=False))
+    def checkpoint(self):
+        if self.out is not None:
+            save_arrays(self.ckpt_dir / "last.npz", self.tuner.state_arrays())
+            write_atomic(self.ckpt_dir / "last.json", json.dumps(self.state))
+
+    def keep_best(self):
+        """The best weights so far: in best.npz, or in memory where this process writes nothing."""
+        arrays = self.tuner.state_arrays(with_optimizer=False)
+        if self.out is not None:
+            save_arrays(self.ckpt_dir / "best.npz", arrays)
         else:
-            best["arrays"] = tuner.state_arrays(with_optimizer=False)
+            self.best = arrays
 
-    def evaluate_val():
+    def evaluate(self):
         """Validation metrics; multi-label ones at per-label thresholds chosen on these predictions,
         as the final model's are (at 0.5, a multi-label model's early epochs score F1 near 0)."""
-        probs = clf.predict_features(val_f)
-        thresholds = choose_thresholds(y_val, probs) if data_config.multilabel else None
-        m = classification_metrics(y_val, probs, vocab.names, multilabel=data_config.multilabel, thresholds=thresholds)
+        from .evaluation import choose_thresholds, classification_metrics
+
+        d, multilabel = self.data, self.data_config.multilabel
+        probs = self.clf.predict_features(d.val_f)
+        thresholds = choose_thresholds(d.y_val, probs) if multilabel else None
+        m = classification_metrics(d.y_val, probs, d.vocab.names, multilabel=multilabel, thresholds=thresholds)
         return m, probs, thresholds
 
-    def plan(epoch):  # the rows of each batch of the epoch, as training_batches makes them
-        return [train_rows[b] for b in feats.batch_plan(train_f.lengths[train_rows], config.batch_size, shuffle=True,
-                                                        seed=config.seed, epoch=epoch)]
+    def plan(self, epoch):
+        """The rows of each batch of an epoch, as training_batches makes them."""
+        rows = self.data.train_rows
+        return [rows[b] for b in feats.batch_plan(self.lengths[rows], self.config.batch_size, shuffle=True,
+                                                  seed=self.config.seed, epoch=epoch)]
 
-    run = SimpleNamespace(config=config, state=state, tuner=tuner, lengths=train_f.lengths, metric=metric, log=log,
-                          writer=tf.summary.create_file_writer(str(out / "logs")) if writes else None,
-                          evaluate=evaluate_val, checkpoint=checkpoint, keep_best=keep_best, on_epoch_end=on_epoch_end,
-                          stopped=False)
-    row_labels = y_all[train_f.example_index].astype("float32" if data_config.multilabel else "int32")  # by row
-    class_weights = balanced_class_weights(y_train, len(vocab.names)) if config.class_weight else None
-    row_weights = (class_weights[row_labels] if class_weights is not None
-                   else np.ones(len(row_labels))).astype("float32")
-    fit_callbacks = [RunFolder(run, plan), *(callbacks or [])]
+    def train(self, callbacks=None):
+        """model.fit over the epochs left; a run resumed mid-epoch first finishes that epoch alone."""
+        config, d, state = self.config, self.data, self.state
+        row_labels = d.y_all[d.train_f.example_index].astype("float32" if self.data_config.multilabel else "int32")
+        class_weights = balanced_class_weights(d.y_train, len(d.vocab.names)) if config.class_weight else None
+        row_weights = (class_weights[row_labels] if class_weights is not None
+                       else np.ones(len(row_labels))).astype("float32")
+        fit_callbacks = [RunFolder(self), *(callbacks or [])]
 
-    def fit(epochs, skip=0):
-        data = training_batches(train_f, train_rows, row_labels, row_weights, config, clf.tokenizer.pad_id, strategy,
-                                epochs, skip)
-        tuner.fit(data, initial_epoch=epochs[0], epochs=epochs[-1] + 1, steps_per_epoch=batches_per_epoch - skip,
-                  shuffle=False, verbose=0, callbacks=fit_callbacks)  # the plan is shuffled already
+        def fit(epochs, skip=0):
+            batches = training_batches(d.train_f, d.train_rows, row_labels, row_weights, config,
+                                       self.clf.tokenizer.pad_id, self.strategy, epochs, skip)
+            self.tuner.fit(batches, initial_epoch=epochs[0], epochs=epochs[-1] + 1,
+                           steps_per_epoch=self.batches_per_epoch - skip, shuffle=False,  # the plan is shuffled
+                           verbose=0, callbacks=fit_callbacks)
 
-    log(f"training {config.epochs} epoch(s) x {steps_per_epoch} steps, batch {config.batch_size}"
-        f"{f' x {config.gradient_accumulation} accumulated' if config.gradient_accumulation > 1 else ''}, "
-        f"lr {config.learning_rate:g}, {strategy.num_replicas_in_sync} replica(s); best by validation {metric}")
-    train_start = time.perf_counter()
-    if state["batch"] and state["epoch"] < config.epochs:  # resumed mid-epoch: the rest of that epoch alone
-        fit(range(state["epoch"], state["epoch"] + 1), skip=state["batch"])
-    if state["epoch"] < config.epochs and not run.stopped:
-        fit(range(state["epoch"], config.epochs))
-    train_seconds = time.perf_counter() - train_start
-    if train_ex is None:
-        remove_cache()
+        steps = math.ceil(self.batches_per_epoch / config.gradient_accumulation)
+        accumulated = f" x {config.gradient_accumulation} accumulated" if config.gradient_accumulation > 1 else ""
+        self.log(f"training {config.epochs} epoch(s) x {steps} steps, batch {config.batch_size}{accumulated}, "
+                 f"lr {config.learning_rate:g}, {self.strategy.num_replicas_in_sync} replica(s); "
+                 f"best by validation {self.metric}")
+        start = time.perf_counter()
+        if state["batch"] and state["epoch"] < config.epochs:
+            fit(range(state["epoch"], state["epoch"] + 1), skip=state["batch"])
+        if state["epoch"] < config.epochs and not self.stopped:
+            fit(range(state["epoch"], config.epochs))
+        self.train_seconds = time.perf_counter() - start
+        if state["best_epoch"] is not None and state["best_epoch"] != len(state["history"]):
+            arrays = self.best if self.best is not None else load_arrays(self.ckpt_dir / "best.npz")
+            self.tuner.load_state_arrays(arrays, with_optimizer=False, source="best checkpoint")
+            self.log(f"restored the best weights (epoch {state['best_epoch']})")
 
-    if state["best_epoch"] is not None and state["best_epoch"] != len(state["history"]):
-        arrays = best["arrays"] if "arrays" in best else load_arrays(ckpt_dir / "best.npz")
-        tuner.load_state_arrays(arrays, with_optimizer=False, source="best checkpoint")
-        log(f"restored the best weights (epoch {state['best_epoch']})")
+    def finish(self) -> Classifier:
+        """The final metrics (on the test data if given, else validation), and the finished run folder."""
+        from .evaluation import classification_metrics, write_report
 
-    val_metrics, val_probs, clf.thresholds = evaluate_val()
-    results = {"validation": val_metrics}
-    final_split, final_y, final_probs, final_ex = "validation", y_val, val_probs, val_ex
-    if test_ex is not None:
-        final_y = vocab.encode(test_ex.labels, source=test_ex.source)
-        final_probs = clf.predict_proba(test_ex.texts, test_ex.pairs)
-        results["test"] = classification_metrics(final_y, final_probs, vocab.names, multilabel=data_config.multilabel,
-                                                 thresholds=clf.thresholds)
-        final_split, final_ex = "test", test_ex
-    metrics = {**results[final_split], "split": final_split, "splits": results, "history": state["history"],
-               "best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1),
-               "train_tokens": state.get("train_tokens", 0),
-               "train_examples": len(kept)}
-    clf.metrics = metrics
-    if writes:
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-        write_report(out / "report.html", metrics=results[final_split], label_names=vocab.names, y_true=final_y,
-                     probs=final_probs, texts=final_ex.texts, pairs=final_ex.pairs, history=state["history"],
-                     multilabel=data_config.multilabel, thresholds=clf.thresholds,
-                     title=f"bertfit: {out.name} ({final_split})", config=clf.config_dict())
-        if config.export:
-            from .export import export_saved_model
+        clf, d, state, out, multilabel = self.clf, self.data, self.state, self.out, self.data_config.multilabel
+        val_metrics, val_probs, clf.thresholds = self.evaluate()
+        results = {"validation": val_metrics}
+        split, y, probs, examples = "validation", d.y_val, val_probs, d.val_ex
+        if d.test_ex is not None:
+            split, y, examples = "test", d.vocab.encode(d.test_ex.labels, source=d.test_ex.source), d.test_ex
+            probs = clf.predict_proba(d.test_ex.texts, d.test_ex.pairs)
+            results["test"] = classification_metrics(y, probs, d.vocab.names, multilabel=multilabel,
+                                                     thresholds=clf.thresholds)
+        seconds = round(self.train_seconds, 1)
+        clf.metrics = {**results[split], "split": split, "splits": results, "history": state["history"],
+                       "best_epoch": state["best_epoch"], "train_seconds": seconds,
+                       "train_tokens": state.get("train_tokens", 0), "train_examples": len(d.kept)}
+        if out is not None:
+            write_atomic(out / "metrics.json", json.dumps(clf.metrics, indent=2))
+            write_report(out / "report.html", metrics=results[split], label_names=d.vocab.names, y_true=y,
+                         probs=probs, texts=examples.texts, pairs=examples.pairs, history=state["history"],
+                         multilabel=multilabel, thresholds=clf.thresholds, title=f"bertfit: {out.name} ({split})",
+                         config=clf.config_dict())
+            if self.config.export:
+                from .export import export_saved_model
 
-            export_saved_model(clf, out / "saved_model")
-        clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": round(train_seconds, 1)})
-        if run.writer is not None:
-            run.writer.close()
-    clf.run_dir = out if writes else None
-    return clf
+                export_saved_model(clf, out / "saved_model")
+            clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": seconds})
+            self.writer.close()
+        clf.run_dir = out
+        return clf
 
 
 def load_config_file(path) -> dict:
