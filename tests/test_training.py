@@ -407,8 +407,9 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
             proc.kill()
     assert not (killed / "metrics.json").exists()
     assert json.loads((killed / "run.json").read_text())["state"] == "training"
-    with pytest.raises(BertfitError, match="incomplete"):
+    with pytest.raises(BertfitError, match="incomplete") as info:
         bertfit.load(killed)
+    assert f"--out {killed} --resume" in str(info.value)  # the command, with the path filled in
 
     done = subprocess.run(_train_cmd(train, dev, tiny_model, killed) + ["--resume"], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -420,3 +421,13 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
     # The interrupted epoch's training loss too: its running sum is in the checkpoint (issue 26, item 3).
     for before, after in zip(a["history"], b["history"], strict=True):
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-4), (a["history"], b["history"])
+
+
+def test_load_names_what_is_not_a_run_folder(tiny_model, tmp_path):
+    """An empty folder or a model checkpoint is 'not a run folder', not an 'incomplete' run (issue 26, item 4)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BertfitError, match=r"empty: not a bertfit run folder \(no run.json or config.yaml") as info:
+        bertfit.load(tmp_path / "empty")
+    assert "incomplete" not in str(info.value) and "checkpoint" not in str(info.value)
+    with pytest.raises(BertfitError, match="not a bertfit run folder.*holds a model checkpoint.*--model"):
+        bertfit.load(tiny_model)

@@ -250,10 +250,15 @@ def load(run_dir) -> Classifier:
     if not run_dir.is_dir():
         raise BertfitError(f"{run_dir}: no such run folder")
     state_file = run_dir / "run.json"
+    if not state_file.exists() and not (run_dir / "config.yaml").exists():
+        hint = (": it holds a model checkpoint, to fine-tune with --model (or bertfit.load_pretrained)"
+                if (run_dir / "config.json").exists() or (run_dir / "bert_config.json").exists() else "")
+        raise BertfitError(f"{run_dir}: not a bertfit run folder (no run.json or config.yaml from `bertfit train`)"
+                           + hint)
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("state") != "complete":
         raise BertfitError(f"{run_dir}: the run is incomplete (training did not finish); "
-                           "continue it with `bertfit train ... --out {run_dir} --resume`")
+                           f"continue it with `bertfit train ... --out {run_dir} --resume`")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     pretrained = load_pretrained(str(run_dir))
     labels = config["labels"]
