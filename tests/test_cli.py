@@ -186,3 +186,27 @@ def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     report = json.loads(stdout)
     assert code == 0 and report["rows"] == 40 and report["labels"] == {"pos": 20, "neg": 20}
     assert report["truncated_share"] == 1.0  # every text has 7 words + [CLS]/[SEP] > 8
+
+
+def test_help_says_each_default_once_and_helps_every_option():
+    """Every option of every verb has help; a default is said once, never as "(default: None)"
+    (issue 26 item 4, issue 27 item 2)."""
+    import re
+
+    from bertfit.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"train", "tune", "predict", "serve", "export", "inspect", "evaluate", "demo"} <= set(verbs)
+    for verb, sub in verbs.items():
+        text = sub.format_help()
+        assert "(default: None)" not in text, verb
+        for action in sub._actions:
+            if action.help == "==SUPPRESS==" or "-h" in action.option_strings:
+                continue
+            assert action.help, (verb, action.dest)
+            shown = sub._get_formatter()._expand_help(action)
+            assert len(re.findall(r"default", shown)) <= 1 or action.dest in ("quoting", "model"), (verb, shown)
+    train, serve = (" ".join(verbs[v].format_help().split()) for v in ("train", "serve"))  # unwrapped
+    assert "(default: 5e-05)" in train and "(default: 32)" in train  # TrainConfig's values, once
+    assert "(default: 127.0.0.1)" in serve and "(default: 8501)" in serve

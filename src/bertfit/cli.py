@@ -83,14 +83,28 @@ def _csv_list(s):
 
 def add_train_flags(p):
     for f in dataclasses.fields(TrainConfig):
-        default = f.default
+        # The flag's own default is None (unset: the config file or TrainConfig decides), so the help
+        # names TrainConfig's, unless the help text already says what happens by default.
+        help = TRAIN_HELP[f.name]
+        if "default" not in help and f.default is not None:
+            help += f" (default: {f.default})"
         if f.type in ("bool", "bool | None"):
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{TRAIN_HELP[f.name]} (default: {default})")
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
-        p.add_argument(_flag(f.name), type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
-                       help=f"{TRAIN_HELP[f.name]} (default: {default})")
+        p.add_argument(_flag(f.name), type=kind, default=None, metavar=f.name.split("_")[-1].upper(), help=help)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default said once: argparse's value where the help does not already say what the
+    default is, and nothing for options that are unset by default (None) or off (False)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if (not action.option_strings or "default" in help
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return help
+        return help + " (default: %(default)s)"
 
 
 def options_from(args, fields) -> dict:
@@ -233,7 +247,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a classifier and write a run folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     t.add_argument("data", help="training data file or folder")
     t.add_argument("--validation", help="validation data (default: a stratified split of the training data)")
     t.add_argument("--test", help="test data, evaluated once at the end")
@@ -245,44 +259,49 @@ def build_parser():
     add_train_flags(t)
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("inspect", help="rows, labels and token lengths of a data file, before training")
-    i.add_argument("data")
+    i = sub.add_parser("inspect", help="rows, labels and token lengths of a data file, before training",
+                       formatter_class=HelpFormatter)
+    i.add_argument("data", help="data file or folder to look at")
     i.add_argument("--model", help="checkpoint whose tokenizer counts the tokens (default minilm-l6)")
     i.add_argument("--max-length", type=int, default=128, help="report the share this would truncate")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     add_data_flags(i)
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("evaluate", help="metrics of a run on a labelled data file")
-    e.add_argument("run")
-    e.add_argument("data")
+    e = sub.add_parser("evaluate", help="metrics of a run on a labelled data file", formatter_class=HelpFormatter)
+    e.add_argument("run", help="run folder written by bertfit train")
+    e.add_argument("data", help="labelled data file or folder")
     e.add_argument("--errors", type=int, default=0, metavar="N", help="also list the N most confident mistakes")
     e.add_argument("--json", action="store_true", help="print metrics.json-style output")
     e.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("predict", help="classify texts given as arguments or in a file")
-    r.add_argument("run")
-    r.add_argument("texts", nargs="*")
+    r = sub.add_parser("predict", help="classify texts given as arguments or in a file",
+                       formatter_class=HelpFormatter)
+    r.add_argument("run", help="run folder written by bertfit train")
+    r.add_argument("texts", nargs="*", help="texts to classify (or --input)")
     r.add_argument("--input", help="data file to classify (streamed; any size)")
     r.add_argument("--output", help="JSONL file to write: one {label, probabilities} per input row")
-    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--batch-size", type=int, default=64, help="texts per model batch")
     r.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(r, with_label=False)
     r.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("export", help="write a SavedModel (raw strings in) or a TFLite model from a run")
-    x.add_argument("run")
-    x.add_argument("--format", choices=["saved_model", "tflite"], default="saved_model")
+    x = sub.add_parser("export", help="write a SavedModel (raw strings in) or a TFLite model from a run",
+                       formatter_class=HelpFormatter)
+    x.add_argument("run", help="run folder written by bertfit train")
+    x.add_argument("--format", choices=["saved_model", "tflite"], default="saved_model",
+                   help="SavedModel (raw strings in, probabilities out) or a TFLite file")
     x.add_argument("--quantize", choices=["int8"], default=None, help="TFLite dynamic-range int8 weights")
     x.add_argument("--out", help="where to write (default: RUN/saved_model or RUN/model[.int8].tflite)")
     x.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("serve", help="serve a run over HTTP with TF Serving's REST API")
-    s.add_argument("run")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8501)
+    s = sub.add_parser("serve", help="serve a run over HTTP with TF Serving's REST API",
+                       formatter_class=HelpFormatter)
+    s.add_argument("run", help="run folder written by bertfit train")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8501, help="port to listen on (TF Serving's REST port)")
     s.add_argument("--model-name", help="name in the URL (default: the run folder's name)")
     s.add_argument("--max-batch", type=int, default=64, help="most texts merged into one model batch")
     s.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait to fill a batch")
@@ -290,8 +309,8 @@ def build_parser():
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("tune", help="hyperparameter search with Optuna, then a run with the best parameters",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    u.add_argument("data")
+                       formatter_class=HelpFormatter)
+    u.add_argument("data", help="training data file or folder")
     u.add_argument("--validation", help="validation data (default: a stratified split of the training data)")
     u.add_argument("--trials", type=int, default=20, help="trials to run in this process")
     u.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
@@ -304,11 +323,12 @@ def build_parser():
     add_train_flags(u)
     u.set_defaults(func=cmd_tune)
 
-    d = sub.add_parser("demo", help="fine-tune MiniLM-L6 on BBC News and print the metrics")
-    d.add_argument("--out", default="runs/demo")
+    d = sub.add_parser("demo", help="fine-tune MiniLM-L6 on BBC News and print the metrics",
+                       formatter_class=HelpFormatter)
+    d.add_argument("--out", default="runs/demo", help="run folder to write (replaced if it holds an earlier run)")
     d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
-    d.add_argument("--epochs", type=int, default=3)
-    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--epochs", type=int, default=3, help="passes over the training data")
+    d.add_argument("--max-length", type=int, default=128, help="longest token sequence; longer articles are cut")
     d.set_defaults(func=cmd_demo)
     return p
 
