@@ -210,3 +210,22 @@ def test_help_says_each_default_once_and_helps_every_option():
     train, serve = (" ".join(verbs[v].format_help().split()) for v in ("train", "serve"))  # unwrapped
     assert "(default: 5e-05)" in train and "(default: 32)" in train  # TrainConfig's values, once
     assert "(default: 127.0.0.1)" in serve and "(default: 8501)" in serve
+
+
+def test_unknown_flags_get_the_verbs_usage_and_a_suggestion(capsys):
+    """Hugging Face's spellings and near misses are named with the flag meant; abbreviations are not
+    silently taken; --version answers (issue 27, item 2). All before TensorFlow would load."""
+    for argv, expected in ((["--learning_rate", "3e-5"], "--learning_rate: did you mean --learning-rate?"),
+                           (["--output_dir", "o"], "--output_dir: did you mean --out?"),
+                           (["--num_train_epochs", "2"], "--num_train_epochs: did you mean --epochs?"),
+                           (["--max_seq_length", "64"], "--max_seq_length: did you mean --max-length?"),
+                           (["--learn", "1e-5"], "unrecognized arguments: --learn 1e-5"),  # once an abbreviation
+                           (["--bach-size", "8"], "--bach-size: did you mean --batch-size?")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "data.tsv", "--out", "runs/x", *argv])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: bertfit train" in err and expected in err, err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"bertfit {bertfit.__version__}"

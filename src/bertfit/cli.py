@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
 import os
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from . import __version__  # noqa: E402
 from .config import DataConfig, TrainConfig  # noqa: E402
 from .errors import BertfitError  # noqa: E402
 
@@ -243,8 +246,12 @@ def cmd_tune(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bertfit", description="Fine-tune BERT-family encoders for text classification.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="bertfit", description="Fine-tune BERT-family encoders for text classification.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"bertfit {__version__}")
+    # No abbreviated flags: --learn would silently mean --learning-rate, and a later flag could make it ambiguous.
+    sub = p.add_subparsers(dest="command", required=True, parser_class=functools.partial(argparse.ArgumentParser,
+                                                                                        allow_abbrev=False))
 
     t = sub.add_parser("train", help="fine-tune a classifier and write a run folder",
                        formatter_class=HelpFormatter)
@@ -333,8 +340,37 @@ def build_parser():
     return p
 
 
+# Hugging Face's spellings (run_glue.py, TrainingArguments) of bertfit's flags.
+HF_FLAGS = {"--learning_rate": "--learning-rate", "--output_dir": "--out", "--num_train_epochs": "--epochs",
+            "--max_seq_length": "--max-length", "--per_device_train_batch_size": "--batch-size",
+            "--train_batch_size": "--batch-size", "--warmup_ratio": "--warmup-ratio", "--weight_decay": "--weight-decay",
+            "--model_name_or_path": "--model", "--train_file": "DATA (the first argument)",
+            "--validation_file": "--validation", "--gradient_accumulation_steps": "--gradient-accumulation",
+            "--overwrite_output_dir": "--overwrite", "--resume_from_checkpoint": "--resume"}
+
+
+def parse(parser, argv=None):
+    """parse_args, but an unknown flag is reported with its verb's usage and the flag it may have meant
+    (argparse reports it with the top-level usage and no suggestion)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        verb = next(a for a in parser._actions if a.dest == "command").choices[args.command]
+        known = [o for a in verb._actions for o in a.option_strings]
+        hints = []
+        for extra in extras:
+            flag = extra.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            guess = HF_FLAGS.get(flag) or next(iter(difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.6)),
+                                                None)
+            if guess and (guess in known or not guess.startswith("--")):
+                hints.append(f"{flag}: did you mean {guess}?")
+        verb.error(f"unrecognized arguments: {' '.join(extras)}" + ("".join(f"\n  {h}" for h in hints)))
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         args.func(args)
     except BertfitError as e:
