@@ -229,3 +229,22 @@ def test_unknown_flags_get_the_verbs_usage_and_a_suggestion(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"bertfit {bertfit.__version__}"
+
+
+def test_wrong_types_in_a_config_file_and_a_file_as_out_exit_2(capsys, tmp_path, files, tiny_model):
+    """One line naming the file and the option, not a TypeError's traceback (issue 26, item 1)."""
+    for text, message in (("epochs: three\n", "epochs must be an integer, got 'three'"),
+                          ("max_length: [64]\n", "max_length must be an integer, got [64]"),
+                          ("train:\n  learning_rate: fast\n", "learning_rate must be a number, got 'fast'"),
+                          ("label_columns: joy\n", "label_columns must be a list of strings or nothing (null)")):
+        config = tmp_path / "config.yaml"
+        config.write_text(text)
+        code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", tmp_path / "run",
+                           "--config", config)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{config}: {message}" in err.strip().splitlines()[-1], err
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", taken)
+    assert code == 2 and "Traceback" not in err and f"{taken} is a file, not a folder" in err, err
+    assert taken.read_text() == "mine"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -84,7 +85,30 @@ def _from_dict(cls, d: dict[str, Any], section: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown {section} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_types(cls, d)
     return cls(**d)
+
+
+# What each annotation in these dataclasses admits (NumPy's numbers too: numbers.Integral and Real).
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+          "str": ("a string", lambda v: isinstance(v, str)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+          "None": ("nothing (null)", lambda v: v is None)}
+
+
+def check_types(cls, options: dict[str, Any], where: str = ""):
+    """A clear error for an option of the wrong type (`epochs: three` in a YAML file), naming it and
+    what it takes, before the value reaches code that would fail on it with a traceback."""
+    annotations = {f.name: f.type for f in fields(cls)}
+    for name, value in options.items():
+        if name not in annotations:
+            continue
+        kinds = [_KINDS[part.strip()] for part in str(annotations[name]).split("|")]
+        if not any(ok(value) for _, ok in kinds):
+            wanted = " or ".join(description for description, _ in kinds)
+            raise ConfigError(f"{where}{name} must be {wanted}, got {value!r}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import features as feats
 from .classifier import Classifier, dump_yaml, write_atomic
-from .config import DataConfig, TrainConfig, split_options
+from .config import DataConfig, TrainConfig, check_types, split_options
 from .errors import BertfitError, ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -562,6 +562,8 @@ def resolve_metric(config: TrainConfig, multilabel: bool) -> str:
 
 def prepare_out(out: Path, overwrite: bool, resume: bool):
     """Refuse to clobber anything unless asked; never delete a folder bertfit did not make."""
+    if out.exists() and not out.is_dir():
+        raise BertfitError(f"{out} is a file, not a folder: choose another --out")
     if resume:
         if not (out / "config.yaml").exists():
             raise BertfitError(f"{out}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
@@ -871,4 +873,6 @@ def load_config_file(path) -> dict:
             flat.update(value)
         else:
             flat[key.replace("-", "_")] = value
+    for cls in (DataConfig, TrainConfig):
+        check_types(cls, flat, where=f"{path}: ")
     return flat
