@@ -248,3 +248,14 @@ def test_wrong_types_in_a_config_file_and_a_file_as_out_exit_2(capsys, tmp_path,
     code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", taken)
     assert code == 2 and "Traceback" not in err and f"{taken} is a file, not a folder" in err, err
     assert taken.read_text() == "mine"
+
+
+def test_predict_output_that_cannot_be_written_exits_2(capsys, tmp_path, files, tiny_model):
+    """--output in a folder that does not exist: one line, exit 2, nothing left behind (issue 26, item 1).
+    (A read-only mount gives the same line; the tests run as root, which no permission stops.)"""
+    run_dir = random_run(tiny_model, tmp_path, saved_model=False)
+    target = tmp_path / "no-such-folder" / "out.jsonl"
+    code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", "--output", target)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"cannot write --output {target}: No such file or directory" in err.strip().splitlines()[-1]
+    assert not target.parent.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -33,7 +34,11 @@ def predict_file(clf, input_path, output_path, batch_size=64, **read_options) ->
     tmp = output_path.with_name(f".{output_path.name}.tmp{os.getpid()}")
     count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        out_file = open(tmp, "w", encoding="utf-8")
+    except OSError as e:  # a missing folder, a read-only mount, no permission
+        raise BertfitError(f"cannot write --output {output_path}: {e.strerror}") from None
+    try:
+        with out_file as f:
             wheres, texts, pairs = [], [], []
 
             def flush():
@@ -57,6 +62,11 @@ def predict_file(clf, input_path, output_path, batch_size=64, **read_options) ->
             if texts:
                 flush()
         os.replace(tmp, output_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EISDIR):
+            raise BertfitError(f"cannot write --output {output_path}: {e.strerror}") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
