@@ -259,3 +259,22 @@ def test_predict_output_that_cannot_be_written_exits_2(capsys, tmp_path, files, 
     assert code == 2 and "Traceback" not in err, err
     assert f"cannot write --output {target}: No such file or directory" in err.strip().splitlines()[-1]
     assert not target.parent.exists()
+
+
+def test_a_train_that_fails_before_training_leaves_nothing_to_block_the_rerun(capsys, tmp_path, files, tiny_model):
+    """Bad data (one class) or a bad model: no run folder, no token cache left; the corrected command
+    runs; a folder the user made, empty, stays (issue 26, item 2)."""
+    out = tmp_path / "run"
+    for flags in (["--model", tiny_model], ["--model", tmp_path / "no-such-model"]):
+        data = files / ("one.tsv" if flags[1] == tiny_model else "ok.tsv")
+        code, _, err = run(capsys, "train", data, "--out", out, "--epochs", "1", "--no-export", *flags)
+        assert code == 2 and "Traceback" not in err, err
+        assert not out.exists(), list(out.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    code, _, err = run(capsys, "train", files / "one.tsv", "--model", tiny_model, "--out", mine, "--no-export")
+    assert code == 2 and mine.is_dir() and not any(mine.iterdir())
+    code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", out, "--epochs", "1",
+                       "--no-export", "--max-length", "32")
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["state"] == "complete"

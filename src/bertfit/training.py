@@ -614,16 +614,34 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
                                            options)
     strategy = make_strategy(config.strategy)  # first: MultiWorkerMirroredStrategy must precede other TF work
     chief = is_chief(strategy)
+    fresh = out is not None and chief and not resume and not (out.is_dir() and any(out.iterdir()))
+    new_folder = fresh and not out.exists()
     if out is not None and (chief or resume):  # other workers write nothing (on resume they read the chief's)
         prepare_out(out, overwrite, resume)
     keras.utils.set_random_seed(config.seed)
-    data = _read_and_tokenize(train, validation, test, data_config, config, strategy, out if chief else None, log)
-    clf = _classifier(data, data_config, config, strategy)
-    run = Run(clf, data, strategy, out, chief, resume, log, on_epoch_end)
+    try:
+        data = _read_and_tokenize(train, validation, test, data_config, config, strategy, out if chief else None, log)
+        clf = _classifier(data, data_config, config, strategy)
+        run = Run(clf, data, strategy, out, chief, resume, log, on_epoch_end)
+    except BaseException:
+        # Bad data or a bad model: leave no half-made run folder (or token cache) to block the corrected
+        # command; a folder that was there, empty, stays, emptied again.
+        if fresh:
+            _remove_started(out, new_folder)
+        raise
     run.train(callbacks)
     if data.remove_cache is not None:
         data.remove_cache()
     return run.finish()
+
+
+def _remove_started(out: Path, new_folder: bool):
+    """Remove what a run that failed before training wrote: the folder if it made it, else its contents."""
+    if new_folder:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _resolve_options(train, text, pair, label, model, resumed, config_file, options):
