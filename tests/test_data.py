@@ -210,6 +210,17 @@ def test_in_memory_dataframe_and_dict_of_columns():
     error(["data must be a file or folder path, a pandas DataFrame or a dict of columns, not a list"], ["a", "b"])
 
 
+def test_a_duplicated_header_column_is_refused_where_it_is_used(tmp_path):
+    """Two columns named 'text': which one was meant cannot be told (issue 26, item 4)."""
+    path = write(tmp_path / "d.tsv", "text\ttext\tlabel\tnote\tnote\nfirst\tsecond\t1\ta\tb\n")
+    error(["d.tsv: column 'text' appears 2 times in the header (fields 0, 1, 0-based)", "--text-column 0"], path)
+    ex = read_examples(path, text_column=1, label_column=2)  # by index, as the message says
+    assert (ex.texts, ex.labels) == (["second"], ["1"])
+    # A duplicated column that is not used is no problem.
+    ok = write(tmp_path / "e.tsv", "text\tlabel\tnote\tnote\nfirst\t1\ta\tb\n")
+    assert read_examples(ok).texts == ["first"]
+
+
 def test_tf_data_datasets_read_as_rows():
     """Every element structure a tf.data user has: tuples (positional), dicts (tensorflow_datasets'
     glue/mrpc), Keras's (features, label), batched or not; bad structures fail before any reading."""

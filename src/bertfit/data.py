@@ -460,7 +460,12 @@ def _column(spec, names, width, path, option) -> int:
             "give columns by 0-based index"
         )
     if spec in names:
-        return names.index(spec)
+        at = [i for i, name in enumerate(names) if name == spec]
+        if len(at) > 1:  # which one was meant cannot be told: refuse rather than take the first
+            raise DataError(f"{path}: column {spec!r} appears {len(at)} times in the header (fields "
+                            f"{', '.join(map(str, at))}, 0-based): rename one, or give the field by index "
+                            f"({_FLAGS[option]} {at[0]})")
+        return at[0]
     close = difflib.get_close_matches(str(spec), names, n=3)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise DataError(
