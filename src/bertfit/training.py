@@ -72,19 +72,15 @@ class AdamW(keras.optimizers.AdamW):
     them one by one; on SST-2 batches the two norms differ by under 1 %).
     """
 
-    def __init__(self, *args, lr_multipliers=None, no_decay=None, sum_over_replicas=True, **kwargs):
+    def __init__(self, *args, lr_multipliers=None, no_decay=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._lr_multipliers = dict(lr_multipliers or {})
-        # With several replicas, sum their gradients before clipping (Keras would clip each replica's
-        # part, then sum); False when the caller has summed them already.
-        self.sum_over_replicas = sum_over_replicas
         self.no_decay = list(no_decay or [])
         if self.no_decay:
             self.exclude_from_weight_decay(var_names=self.no_decay)
 
     def get_config(self):
-        return {**super().get_config(), "lr_multipliers": self._lr_multipliers, "no_decay": self.no_decay,
-                "sum_over_replicas": self.sum_over_replicas}
+        return {**super().get_config(), "lr_multipliers": self._lr_multipliers, "no_decay": self.no_decay}
 
     def build(self, variables):
         super().build(variables)
@@ -96,8 +92,10 @@ class AdamW(keras.optimizers.AdamW):
             isinstance(v.value if isinstance(v, keras.Variable) else v, tf.Variable) for v in variables)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
+        # With several replicas, their gradients are summed before clipping (Keras would clip each
+        # replica's part, then sum): the step is the one a single device takes on the whole batch.
         replica = tf.distribute.get_replica_context()
-        if self.sum_over_replicas and replica is not None and replica.num_replicas_in_sync > 1:
+        if replica is not None and replica.num_replicas_in_sync > 1:
             grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if not self._fused(trainable_variables):
             return super()._backend_apply_gradients(grads, trainable_variables)
@@ -130,7 +128,7 @@ class AdamW(keras.optimizers.AdamW):
                       tf.cast(self.beta_2, dtype), tf.cast(self.epsilon, dtype), step)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
-        # Summed already, before clipping (_backend_apply_gradients), or by the caller.
+        # Summed already, before clipping (_backend_apply_gradients).
         return grads_and_vars
 
 
@@ -195,12 +193,10 @@ def optimizer(total_steps: int, learning_rate: float = 5e-5, *, warmup_ratio: fl
                  no_decay=["bias", "gamma", "beta"])  # BERT's recipe: no decay on LayerNorm and biases
 
 
-def make_optimizer(model, config: TrainConfig, total_steps: int, sum_over_replicas: bool = True) -> AdamW:
-    result = optimizer(total_steps, config.learning_rate, warmup_ratio=config.warmup_ratio,
-                       weight_decay=config.weight_decay, epsilon=config.adam_epsilon, clipnorm=config.max_grad_norm,
-                       layerwise_lr_decay=config.layerwise_lr_decay, encoder=model.encoder)
-    result.sum_over_replicas = sum_over_replicas
-    return result
+def make_optimizer(model, config: TrainConfig, total_steps: int) -> AdamW:
+    return optimizer(total_steps, config.learning_rate, warmup_ratio=config.warmup_ratio,
+                     weight_decay=config.weight_decay, epsilon=config.adam_epsilon, clipnorm=config.max_grad_norm,
+                     layerwise_lr_decay=config.layerwise_lr_decay, encoder=model.encoder)
 
 
 # -- distribution ---------------------------------------------------------------------------
