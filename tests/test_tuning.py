@@ -90,6 +90,56 @@ def test_study_prunes_writes_run_and_report_and_continues(tiny_model, files, tmp
     assert not list(out.glob(".final-run.tmp*"))
 
 
+def test_a_killed_trial_is_failed_and_tried_again(tiny_model, files, tmp_path):
+    """kill -9 during a trial, then tune again at once: the killed trial is marked failed (not left
+    RUNNING through the rerun), its parameters are the rerun's first trial, and the staging folder
+    of a killed final run is removed."""
+    import signal
+    import subprocess
+    import time
+
+    import optuna
+
+    from bertfit.tuning import tune
+
+    train, dev, space = files
+    out = tmp_path / "out"
+    storage = f"sqlite:///{out / 'study.db'}"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bertfit.cli", "tune", train, "--validation", dev, "--trials", "3",
+                             "--out", str(out), "--config", space, "--model", tiny_model, "--epochs", "500",
+                             "--max-length", "32", "--no-export"], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while not running and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if (out / "study.db").exists():
+                try:
+                    trials = optuna.load_study(study_name="out", storage=storage).trials
+                except Exception:  # noqa: BLE001  (the tables are still being made)
+                    continue
+                running = [t for t in trials if t.state.name == "RUNNING" and len(t.params) == 2]
+        assert running, (tmp_path / "killed.log").read_text()[-2000:]
+        time.sleep(1.0)  # inside fine_tune
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed = running[0]
+    (out / f".final-run.tmp{proc.pid}").mkdir()  # as a final run killed mid-way leaves it
+
+    messages = []
+    tune(train, dev, trials=1, out=out, config_file=space, model=tiny_model, log=messages.append, **FAST)
+    trials = optuna.load_study(study_name="out", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert f":{proc.pid}) ended during the trial" in trials[0].user_attrs["error"]
+    assert trials[1].params == killed.params and "error" not in trials[1].user_attrs
+    assert any("marked failed, its parameters queued again" in m for m in messages), messages
+    assert json.loads((out / "run.json").read_text())["state"] == "complete"
+    assert not list(out.glob(".final-run.tmp*"))
+
+
 @pytest.mark.slow
 def test_two_processes_share_one_sqlite_study(tiny_model, files, tmp_path):
     train, dev, space = files

@@ -31,6 +31,7 @@ process id is mixed in too, so that workers started together do not try the same
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import html
 import json
@@ -220,8 +221,10 @@ def open_storage(url: str):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # heartbeat_interval is "experimental"
                 # Heartbeats mark the trials of a killed process as failed, so a re-run does not wait on them.
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=60,
-                                                  grace_period=180)
+                # A trial failed so (or found dead by _fail_dead_trials) is queued again with its parameters.
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=180,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as e:  # noqa: BLE001  (SQLAlchemy, driver and Optuna errors all mean: cannot use it)
             # Workers that start together race to create the tables; the loser retries and finds them.
             if attempt < 5 and any(s in str(e) for s in ("already exists", "locked", "UNIQUE constraint")):
@@ -231,6 +234,55 @@ def open_storage(url: str):
             if isinstance(e, ImportError):
                 reason = "its database driver is not installed (PostgreSQL: pip install psycopg2-binary; MySQL: pymysql)"
             raise ConfigError(f"cannot open the Optuna storage {_safe_url(url)}: {reason}") from None
+
+
+def _process_gone(worker: str | None) -> bool:
+    """Whether a trial's worker ("host:pid") was a process on this machine that has ended (or whose pid is
+    now ours: this process has run no trial yet). Workers on other machines are left to the heartbeat."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _fail_dead_trials(study, storage, log):
+    """Trials left RUNNING by a killed process of this machine are marked failed and queued again, now
+    (the heartbeat would wait out its grace period, and the rerun would start without them)."""
+    import optuna
+
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not _process_gone(worker):
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "error", f"its process ({worker}) ended during the trial")
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        log(f"trial {trial.number}: its process ({worker}) ended during the trial: marked failed"
+            + (f", its parameters queued again ({_format_params(trial.params)})" if trial.params else ""))
+        if trial.params:
+            again = copy.deepcopy(storage.get_trial(trial._trial_id))
+            again.user_attrs.pop("error")  # the copy's attributes are the queued trial's
+            retry(study, again)
+
+
+def _remove_dead_staging(out: Path):
+    """A final run's staging folder left by a killed process of this machine."""
+    for staging in out.glob(".final-run.tmp*"):
+        pid = staging.name.removeprefix(".final-run.tmp")
+        if staging.is_dir() and _process_gone(f"{socket.gethostname()}:{pid}"):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_out(out: Path, overwrite: bool):
@@ -376,6 +428,8 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     elif known != metric:
         raise ConfigError(f"study {study_name!r} tunes metric {known}, not {metric}: pass --metric {known} "
                           "or choose another --study")
+    _fail_dead_trials(the_study, rdb, log)
+    _remove_dead_staging(out)
     n_before = len(the_study.trials)
     # Points the study has already tried (in any state) are skipped, so a resumed study takes
     # the new ones only; a worker starting at the same time may enqueue them too: skipped then.
@@ -392,8 +446,8 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     def objective(trial):
         import keras
 
+        trial.set_user_attr("worker", worker)  # first: a trial whose process is killed is known by it
         params = {name: suggest(trial, name, spec) for name, spec in space.items()}
-        trial.set_user_attr("worker", worker)
         log(f"trial {trial.number}: {_format_params(params)}")
         keras.backend.clear_session()  # drop the previous trial's graphs
 
