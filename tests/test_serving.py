@@ -150,41 +150,51 @@ def test_status_metadata_health(server):
 
 
 # (method, path suffix or full path, body, headers, expected status, words expected in the error)
+JSON = {"content-type": "application/json"}
 MALFORMED = [
-    ("POST", None, b'{"instances": ', {}, 400, "not valid JSON"),
-    ("POST", None, b'{"instances": ["caf\xe9"]}', {}, 400, "not valid UTF-8"),
-    ("POST", None, b"\xff\xfe\x00garbage", {}, 400, "UTF-8"),
-    ("POST", None, b"[1, 2]", {}, 400, "must be a JSON object"),
-    ("POST", None, b"", {}, 400, "empty"),
-    ("POST", None, b"{}", {}, 400, "exactly one of"),
-    ("POST", None, b'{"instances": ["a"], "inputs": ["b"]}', {}, 400, "exactly one of"),
-    ("POST", None, b'{"instance": ["a"]}', {}, 400, "unknown field"),
-    ("POST", None, b'{"signature_name": "other", "instances": ["a"]}', {}, 400, "signature_name"),
-    ("POST", None, b"[" * 200_000, {}, 400, "nested too deeply"),
-    ("POST", None, b'{"instances": []}', {}, 422, "empty"),
-    ("POST", None, b'{"instances": "a text"}', {}, 422, "must be a list"),
-    ("POST", None, b'{"instances": ["ok", 3]}', {}, 422, "instances[1]: expected a string, got a number"),
-    ("POST", None, b'{"instances": [null]}', {}, 422, "got null"),
-    ("POST", None, b'{"instances": [["nested"]]}', {}, 422, "got a list"),
-    ("POST", None, b'{"instances": [{"txt": "a"}]}', {}, 422, "unknown input"),
-    ("POST", None, b'{"instances": [{}]}', {}, 422, "missing 'text'"),
-    ("POST", None, b'{"instances": [{"text": "a", "text_pair": "b"}]}', {}, 422, "unknown input(s) 'text_pair'"),
-    ("POST", None, b'{"instances": ["\\ud800"]}', {}, 422, "lone surrogate"),
-    ("POST", None, b'{"inputs": {"text": "abc"}}', {}, 422, "must be a list"),
-    ("POST", None, b'{"inputs": []}', {}, 422, "empty"),
-    ("POST", None, b'{"inputs": 7}', {}, 422, "list of strings"),
+    ("POST", None, b'{"instances": ', JSON, 400, "not valid JSON"),
+    ("POST", None, b'{"instances": ["caf\xe9"]}', JSON, 400, "not valid UTF-8"),
+    ("POST", None, b"\xff\xfe\x00garbage", JSON, 400, "UTF-8"),
+    ("POST", None, b"[1, 2]", JSON, 400, "must be a JSON object"),
+    ("POST", None, b"", JSON, 400, "empty"),
+    ("POST", None, b"{}", JSON, 400, "exactly one of"),
+    ("POST", None, b'{"instances": ["a"], "inputs": ["b"]}', JSON, 400, "exactly one of"),
+    ("POST", None, b'{"instance": ["a"]}', JSON, 400, "unknown field"),
+    ("POST", None, b'{"signature_name": "other", "instances": ["a"]}', JSON, 400, "signature_name"),
+    ("POST", None, b"[" * 200_000, JSON, 400, "nested too deeply"),
+    ("POST", None, b'{"instances": []}', JSON, 422, "empty"),
+    ("POST", None, b'{"instances": "a text"}', JSON, 422, "must be a list"),
+    ("POST", None, b'{"instances": ["ok", 3]}', JSON, 422, "instances[1]: expected a string, got a number"),
+    ("POST", None, b'{"instances": [null]}', JSON, 422, "got null"),
+    ("POST", None, b'{"instances": [["nested"]]}', JSON, 422, "got a list"),
+    ("POST", None, b'{"instances": [{"txt": "a"}]}', JSON, 422, "unknown input"),
+    ("POST", None, b'{"instances": [{}]}', JSON, 422, "missing 'text'"),
+    ("POST", None, b'{"instances": [{"text": "a", "text_pair": "b"}]}', JSON, 422, "unknown input(s) 'text_pair'"),
+    ("POST", None, b'{"instances": ["\\ud800"]}', JSON, 422, "lone surrogate"),
+    ("POST", None, b'{"inputs": {"text": "abc"}}', JSON, 422, "must be a list"),
+    ("POST", None, b'{"inputs": []}', JSON, 422, "empty"),
+    ("POST", None, b'{"inputs": 7}', JSON, 422, "list of strings"),
     ("POST", None, b'{"instances": ["a"]}', {"content-type": "application/xml"}, 415, "content type"),
-    ("POST", None, b'{"instances": ["a"]}', {"content-encoding": "gzip"}, 415, "content encoding"),
-    ("POST", "/v1/models/nope:predict", b'{"instances": ["a"]}', {}, 404, "no model named 'nope'"),
-    ("POST", "/v1/models/tiny/versions/7:predict", b'{"instances": ["a"]}', {}, 404, "no version '7'"),
-    ("POST", "/v1/models/tiny:regress", b'{"instances": ["a"]}', {}, 400, "classifier"),
-    ("POST", "/v1/models/tiny:explode", b'{"instances": ["a"]}', {}, 404, "unknown method"),
-    ("GET", "/v1/models/tiny:predict", b"", {}, 405, "use POST"),
-    ("GET", "/no/such/path", b"", {}, 404, "no such path"),
-    ("POST", "/v1/models/tiny:classify", b'{"examples": ["a"]}', {}, 422, "examples[0]"),
-    ("POST", "/v1/models/tiny:classify", b'{"instances": ["a"]}', {}, 400, "unknown field"),
+    ("POST", None, b'{"instances": ["a"]}', {**JSON, "content-encoding": "gzip"}, 415, "content encoding"),
+    # Bodies a web page can post cross-origin without a CORS preflight are refused.
+    ("POST", None, b'{"instances": ["a"]}', {}, 415, "no content type: send JSON with the header Content-Type"),
+    ("POST", None, b'{"instances": ["a"]}', {"content-type": "text/plain"}, 415, "Content-Type: application/json"),
+    ("POST", None, b'{"instances": ["a"]}', {"content-type": "application/x-www-form-urlencoded"}, 415, "curl: -H"),
+    ("POST", None, json.dumps({"instances": ["a"] * 1025}).encode(), JSON, 413, "1025 texts; the limit is 1024"),
+    ("POST", None, json.dumps({"inputs": ["a"] * 1025}).encode(), JSON, 413, "--max-instances"),
+    # A DNS-rebinding page's requests name its own host.
+    ("POST", None, b'{"instances": ["a"]}', {**JSON, "host": "evil.example:8501"}, 403, "is not this server's name"),
+    ("GET", "/v1/models/tiny/metadata", b"", {"host": "evil.example"}, 403, "'evil.example'"),
+    ("POST", "/v1/models/nope:predict", b'{"instances": ["a"]}', JSON, 404, "no model named 'nope'"),
+    ("POST", "/v1/models/tiny/versions/7:predict", b'{"instances": ["a"]}', JSON, 404, "no version '7'"),
+    ("POST", "/v1/models/tiny:regress", b'{"instances": ["a"]}', JSON, 400, "classifier"),
+    ("POST", "/v1/models/tiny:explode", b'{"instances": ["a"]}', JSON, 404, "unknown method"),
+    ("GET", "/v1/models/tiny:predict", b"", JSON, 405, "use POST"),
+    ("GET", "/no/such/path", b"", JSON, 404, "no such path"),
+    ("POST", "/v1/models/tiny:classify", b'{"examples": ["a"]}', JSON, 422, "examples[0]"),
+    ("POST", "/v1/models/tiny:classify", b'{"instances": ["a"]}', JSON, 400, "unknown field"),
 ]
-OVERSIZED = ("POST", None, b'{"instances": ["' + b"x" * (11 * 1024 * 1024) + b'"]}', {}, 413, "limit")
+OVERSIZED = ("POST", None, b'{"instances": ["' + b"x" * (11 * 1024 * 1024) + b'"]}', JSON, 413, "limit")
 
 
 def valid_request(rng, pool):
@@ -253,6 +263,16 @@ def send_all(port, jobs, concurrency, deadline_s):
     return results
 
 
+def test_loopback_names_are_answered(server):
+    from bertfit.serving import _host_name
+
+    assert [_host_name(h) for h in ("[::1]:8501", "LOCALHOST:80", "127.0.0.1", "::1", "evil.example:1")] == \
+        ["::1", "localhost", "127.0.0.1", "::1", "evil.example"]
+    for host in (f"localhost:{server.port}", "127.0.0.1", f"[::1]:{server.port}"):
+        r = httpx.post(predict_url(server), json={"instances": ["fine"]}, headers={"host": host})
+        assert r.status_code == 200, (host, r.text)
+
+
 def test_2000_requests_at_concurrency_32_mixing_valid_and_malformed(server, clf):
     rng = random.Random(7)
     pool = [t for t, _ in sentiment_rows(300, seed=5, classes=3)] + EDGE_TEXTS
@@ -266,7 +286,7 @@ def test_2000_requests_at_concurrency_32_mixing_valid_and_malformed(server, clf)
             path, body, idx, form = valid_request(rng, pool)
             jobs.append(("POST", path, body, {"content-type": "application/json"}, ("ok", idx, form)))
     for k in (300, 900, 1500):  # a few bodies over the 10 MiB limit, drained and answered 413
-        jobs[k] = ("POST", "/v1/models/tiny:predict", OVERSIZED[2], {}, ("error", 413, "limit"))
+        jobs[k] = ("POST", "/v1/models/tiny:predict", OVERSIZED[2], JSON, ("error", 413, "limit"))
 
     started = time.monotonic()
     results = send_all(server.port, jobs, concurrency=32, deadline_s=240)
@@ -318,14 +338,14 @@ def rss_mb(pid) -> float:
 
 
 def test_body_over_the_limit_gets_413_and_the_server_goes_on(server):
-    r = httpx.post(predict_url(server), content=OVERSIZED[2])
+    r = httpx.post(predict_url(server), content=OVERSIZED[2], headers=JSON)
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
     def chunks():  # no Content-Length: counted while streaming
         for _ in range(11):
             yield b"x" * (1024 * 1024)
 
-    r = httpx.post(predict_url(server), content=chunks())
+    r = httpx.post(predict_url(server), content=chunks(), headers=JSON)
     assert r.status_code == 413
     assert httpx.post(predict_url(server), json={"instances": ["fine"]}).status_code == 200
 
@@ -354,27 +374,31 @@ def test_metrics_are_prometheus_text(server):
 def test_sigterm_finishes_in_flight_requests_then_exits_0(server, clf):
     """Last in this module: it stops the shared server."""
     texts = [f"request in flight {i} great" for i in range(6000)]  # ~100 batches: still running at SIGTERM
+    parts = [texts[i:i + 1000] for i in range(0, len(texts), 1000)]  # --max-instances 1024
     box = {}
 
-    def send():
-        box["response"] = httpx.post(predict_url(server), json={"instances": texts}, timeout=120)
+    def send(k):
+        box[k] = httpx.post(predict_url(server), json={"instances": parts[k]}, timeout=120)
 
-    sender = threading.Thread(target=send)
-    sender.start()
+    senders = [threading.Thread(target=send, args=(k,)) for k in range(len(parts))]
+    for sender in senders:
+        sender.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until the server has the request (in flight: it + this one)
+    while time.monotonic() < deadline:  # wait until the server has the requests (in flight: they + this one)
         metrics = httpx.get(f"{server.url}/metrics").text
-        if int(re.search(r"^bertfit_requests_in_flight (\d+)$", metrics, re.M).group(1)) >= 2:
+        if int(re.search(r"^bertfit_requests_in_flight (\d+)$", metrics, re.M).group(1)) > len(parts):
             break
         time.sleep(0.01)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(httpx.TransportError):  # no new connections once shutting down
         httpx.post(predict_url(server), json={"instances": ["late"]}, timeout=5)
-    sender.join(120)
-    r = box["response"]
-    assert r.status_code == 200, r.text
-    got = [p["probabilities"] for p in r.json()["predictions"]]
+    for sender in senders:
+        sender.join(120)
+    got = []
+    for k in range(len(parts)):
+        assert box[k].status_code == 200, box[k].text
+        got += [p["probabilities"] for p in box[k].json()["predictions"]]
     assert len(got) == len(texts)
     np.testing.assert_allclose(got[::500], clf.predict_proba(texts[::500]), atol=1e-5)
     assert server.proc.wait(60) == 0, server.output()

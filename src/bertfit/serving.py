@@ -14,8 +14,10 @@ Responses are those TF Serving gives for the run's SavedModel (`serving_default`
 [, `text_pair`] -> `probabilities`, `label`). Errors are `{"error": "..."}` with status 400
 (the body is not a request: not UTF-8, not JSON, no `instances`/`inputs`), 422 (a well-formed
 request the model cannot take: empty lists, non-strings, a missing `text_pair`), 404 (unknown
-model, version or path), 405, 413 (body over `max_body_bytes`) or 415 (a non-JSON content type
-or a content encoding). A bad request never affects other requests.
+model, version or path), 405, 413 (body over `max_body_bytes`, or more than `max_instances` texts) or
+415 (a content type other than JSON, or a content encoding). Bound to a loopback address, the server
+answers only requests whose Host is a loopback name (403 otherwise: a DNS-rebinding page would
+send its own). A bad request never affects other requests.
 
 Concurrent requests are merged into model batches of up to `max_batch` texts; a batch starts
 when it is full, when `batch_timeout_ms` have passed since its first text arrived, or at once
@@ -44,7 +46,10 @@ from .errors import BertfitError
 
 SIGNATURE = "serving_default"
 VERSION = "1"
-JSON_TYPES = ("application/json", "text/json", "text/plain", "application/x-www-form-urlencoded")
+# JSON only: the content types a web page can post cross-origin without a CORS preflight (text/plain,
+# forms, none) are refused, so a page a user visits cannot make the server work for it.
+JSON_TYPES = ("application/json", "text/json")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PARSE_IN_THREAD_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the 413 arrives
 
@@ -510,8 +515,9 @@ def parse_classify(body, inputs: list[str]):
 
 
 def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
-              max_body_bytes: int = 10 * 1024 * 1024):
-    """The Starlette application (the batcher starts and drains with the app's lifespan)."""
+              max_body_bytes: int = 10 * 1024 * 1024, max_instances: int = 1024, allowed_hosts=None):
+    """The Starlette application (the batcher starts and drains with the app's lifespan).
+    `allowed_hosts`: the host names a request's Host header may name (None: any)."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
@@ -534,8 +540,10 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
 
     async def read_json(request):
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type and content_type not in JSON_TYPES and not content_type.endswith("+json"):
-            raise RequestError(415, f"unsupported content type {content_type!r}: send JSON (application/json)")
+        if content_type not in JSON_TYPES and not content_type.endswith("+json"):
+            given = f"content type {content_type!r}" if content_type else "no content type"
+            raise RequestError(415, f"{given}: send JSON with the header Content-Type: application/json "
+                                    "(curl: -H 'Content-Type: application/json')")
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise RequestError(415, f"unsupported content encoding {encoding!r}: send the JSON uncompressed")
@@ -575,7 +583,11 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
         try:
             body = await read_json(request)
             big = len(body) > PARSE_IN_THREAD_BYTES
-            return await off_loop(lambda: parse(parse_json(body), model.inputs), big=big), big
+            result = await off_loop(lambda: parse(parse_json(body), model.inputs), big=big)
+            if len(result[0]) > max_instances:
+                raise RequestError(413, f"the request has {len(result[0])} texts; the limit is {max_instances} "
+                                        "per request (--max-instances): send them in several requests")
+            return result, big
         except BaseException:
             batcher.leave()
             raise
@@ -661,7 +673,7 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         HTTPException: not_found, RequestError: request_error, Exception: server_error})
     app.state.batcher, app.state.metrics, app.state.model = batcher, metrics, model
-    return _Instrumented(app, metrics)
+    return _Instrumented(app, metrics, allowed_hosts)
 
 
 def _dumps(payload) -> bytes:
@@ -671,8 +683,8 @@ def _dumps(payload) -> bytes:
 class _Instrumented:
     """ASGI middleware: counts requests by endpoint and status, their latency, and those in flight."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, allowed_hosts=None):
+        self.app, self.metrics, self.allowed_hosts = app, metrics, allowed_hosts
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
@@ -680,6 +692,18 @@ class _Instrumented:
             return await self.app(scope, receive, send)
         endpoint = _endpoint(scope.get("path", ""))
         status = {"code": 500}
+        if self.allowed_hosts is not None:
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.allowed_hosts:
+                # Starlette's TrustedHostMiddleware would do, but it splits "[::1]:8501" at the first colon.
+                self.metrics.observe_request(endpoint, 403, 0.0)
+                body = _dumps({"error": f"Host {host!r} is not this server's name: bound to a loopback address, "
+                                        f"it answers {', '.join(self.allowed_hosts)} only (serve --host to change)"})
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -693,6 +717,14 @@ class _Instrumented:
         finally:
             self.metrics.in_flight -= 1
             self.metrics.observe_request(endpoint, status["code"], time.perf_counter() - started)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port: "[::1]:8501" -> "::1", "localhost:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _endpoint(path: str) -> str:
@@ -750,7 +782,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None = None, max_batch: int = 64,
-          batch_timeout_ms: float = 5.0, max_body_bytes: int = 10 * 1024 * 1024, log_level: str = "warning"):
+          batch_timeout_ms: float = 5.0, max_body_bytes: int = 10 * 1024 * 1024, max_instances: int = 1024,
+          log_level: str = "warning"):
     """Serve a run folder over HTTP with TF Serving's REST API until SIGTERM or Ctrl-C."""
     try:
         import uvicorn
@@ -762,6 +795,8 @@ def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None
         raise BertfitError(f"--batch-timeout-ms must be a number >= 0, got {batch_timeout_ms}")
     if max_body_bytes < 1:
         raise BertfitError(f"--max-body-bytes must be positive, got {max_body_bytes}")
+    if max_instances < 1:
+        raise BertfitError(f"--max-instances must be at least 1, got {max_instances}")
     name = model_name or Path(run).resolve().name
     if not name or "/" in name or ":" in name:
         raise BertfitError(f"model name {name!r} cannot appear in a URL path; pick another with --model-name")
@@ -769,7 +804,9 @@ def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None
     sock = _bind(host, port)
     model = Model(run, name=name)
     model.warm_up()
-    app = build_app(model, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_bytes=max_body_bytes)
+    loopback = host.strip("[]").lower() in LOOPBACK_NAMES or host.startswith("127.")
+    app = build_app(model, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_bytes=max_body_bytes,
+                    max_instances=max_instances, allowed_hosts=(*LOOPBACK_NAMES, host.lower()) if loopback else None)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=60,
                             timeout_keep_alive=30, lifespan="on")
     server = _Server(config)
