@@ -39,13 +39,39 @@ def test_binary_run_folder_and_reload(tiny_model, binary_files, tmp_path):
     for name in ("config.yaml", "weights.safetensors", "vocab.txt", "report.html", "run.json", "checkpoints/last.npz"):
         assert (out / name).exists(), name
     assert json.loads((out / "run.json").read_text())["state"] == "complete"
-    assert any((out / "logs").iterdir())
+    # TensorBoard: Keras's layout, the training and validation loss under one tag (overlaid), the
+    # validation metrics, and the smoothed per-step loss.
+    scalars = tensorboard_scalars(out / "logs")
+    assert [v for _, v in scalars["train"]["epoch_loss"]] == pytest.approx([h["loss"] for h in m["history"]], abs=1e-6)
+    assert [v for _, v in scalars["validation"]["epoch_loss"]] == pytest.approx(
+        [h["val_loss"] for h in m["history"]], abs=1e-6)
+    assert [s for s, _ in scalars["validation"]["epoch_accuracy"]] == [0, 1, 2]
+    assert {"epoch_f1_macro", "epoch_roc_auc"} <= set(scalars["validation"])
+    assert len(scalars["train"]["batch_loss"]) == 6 and "epoch_learning_rate" in scalars["train"]  # 60 steps
 
     texts = ["a great film", "an awful plot", "this was superb and very good"]
     loaded = bertfit.load(out)
     np.testing.assert_allclose(loaded.predict_proba(texts), clf.predict_proba(texts), atol=1e-6)
     assert [p["label"] for p in loaded.predict(texts)] == ["pos", "neg", "pos"]
     assert loaded.evaluate(dev)["accuracy"] == pytest.approx(m["accuracy"])
+
+
+def tensorboard_scalars(logdir):
+    """{run: {tag: [(step, value)]}} from the event files under logdir (each subfolder is a run)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for run in sorted(p for p in logdir.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(run), size_guidance={"tensors": 0, "scalars": 0})
+        acc.Reload()
+        runs[run.name] = {tag: [(e.step, float(tf_value(e))) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+    return runs
+
+
+def tf_value(event):
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
 
 
 def test_same_seed_same_metrics(tiny_model, binary_files):

@@ -314,7 +314,8 @@ def _clock(seconds):
 
 
 class RunFolder(keras.callbacks.Callback):
-    """bertfit's part of `fit`. After each step: the progress line, the NaN check, TensorBoard, and every
+    """bertfit's part of `fit`. After each step: the progress line, the NaN check, the step's TensorBoard
+    scalars (Keras's TensorBoard callback writes the epoch's), and every
     `checkpoint_every` steps a checkpoint. After each epoch: the validation metrics (also put in the
     epoch's logs as val_*, for the callbacks after this one, such as the user's), the history, the best
     weights, a checkpoint, the on_epoch_end hook and early stopping. A checkpoint is the whole training
@@ -346,9 +347,10 @@ class RunFolder(keras.callbacks.Callback):
         apply = (b + 1) % config.gradient_accumulation == 0 or b + 1 == len(self.batches)
         step = int(run.tuner.optimizer.iterations.numpy())
         if run.writer is not None and step % 10 == 0 and apply:
+            # Beside Keras's epoch_* tags in logs/train (by optimizer step: continuous across a resume).
             with run.writer.as_default(step=step):
-                tf.summary.scalar("train/loss", float(np.mean(self.recent[-10:])))
-                tf.summary.scalar("train/learning_rate", float(run.tuner.optimizer.learning_rate))
+                tf.summary.scalar("batch_loss", float(np.mean(self.recent[-10:])))
+                tf.summary.scalar("batch_learning_rate", float(run.tuner.optimizer.learning_rate))
         if apply and config.checkpoint_every and step % config.checkpoint_every == 0 and b + 1 < len(self.batches):
             run.checkpoint()
 
@@ -366,11 +368,6 @@ class RunFolder(keras.callbacks.Callback):
             logs.update({k: v for k, v in record.items() if k != "epoch" and v is not None})
         value = val_metrics["log_loss"] if run.metric == "loss" else val_metrics[run.metric]
         run.log(f"epoch {epoch}: validation {run.metric} {value:.4f}, loss {val_metrics['log_loss']:.4f}")
-        if run.writer is not None:
-            with run.writer.as_default(step=epoch):
-                for k, v in record.items():
-                    if k != "epoch" and v is not None:
-                        tf.summary.scalar(f"epoch/{k}", v)
         best = state["best"]
         if best is None or (value < best if run.metric in LOWER_IS_BETTER else value > best):
             state.update(best=value, best_epoch=epoch, stale=0)
@@ -767,7 +764,7 @@ class Run:
                 resolved = {"data": self.data_config.read_options(), "train": dataclasses.asdict(self.config)}
                 write_atomic(out / "config.yaml", dump_yaml(resolved))
             write_atomic(out / "run.json", json.dumps({"state": "training"}))
-            self.writer = tf.summary.create_file_writer(str(out / "logs"))
+            self.writer = tf.summary.create_file_writer(str(out / "logs" / "train"))
         if resume and (self.ckpt_dir / "last.npz").exists():
             self.tuner.load_state_arrays(load_arrays(self.ckpt_dir / "last.npz"), source=str(self.ckpt_dir / "last.npz"))
             self.state.update(json.loads((self.ckpt_dir / "last.json").read_text()))
@@ -810,7 +807,10 @@ class Run:
         class_weights = balanced_class_weights(d.y_train, len(d.vocab.names)) if config.class_weight else None
         row_weights = (class_weights[row_labels] if class_weights is not None
                        else np.ones(len(row_labels))).astype("float32")
-        fit_callbacks = [RunFolder(self), *(callbacks or [])]
+        # Keras's TensorBoard writes the epoch logs RunFolder completes (train/ and validation/ epoch_*
+        # tags, which TensorBoard overlays); only the process that writes the run folder has one.
+        board = [keras.callbacks.TensorBoard(str(self.out / "logs"), write_graph=False)] if self.out is not None else []
+        fit_callbacks = [RunFolder(self), *board, *(callbacks or [])]
 
         def fit(epochs, skip=0):
             batches = training_batches(d.train_f, d.train_rows, row_labels, row_weights, config,
