@@ -371,6 +371,79 @@ def test_metrics_are_prometheus_text(server):
     assert re.search(r"^bertfit_requests_in_flight 1$", r.text, re.M)  # this request
 
 
+def _exchange(port, data: bytes, wait: float = 10.0, close_after_send=False) -> tuple[bytes, float]:
+    """Send raw bytes; (everything the server sent until it closed, seconds until it closed)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    started, got = time.monotonic(), b""
+    try:
+        sock.sendall(data)
+        if close_after_send:
+            return b"", 0.0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got, time.monotonic() - started
+            got += chunk
+    finally:
+        sock.close()
+
+
+def test_slow_idle_oversized_and_vanishing_clients_are_cut_off(run_dir):
+    """--read-timeout 2: idle and half-sent requests lose their connection (408 when part came), a head
+    over 16 KiB gets 431, a Content-Length far over the limit 413 at once, and a client that leaves
+    mid-body is not a traceback. While the model loads, connections are refused, not left hanging."""
+    port = free_port()
+    log = open(Path(run_dir).parent / f"serve-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "bertfit.cli", "serve", str(run_dir), "--port", str(port),
+                             "--model-name", "tiny", "--read-timeout", "2"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        deadline, refused = time.monotonic() + 180, 0
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not come up"
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            except ConnectionRefusedError:
+                refused += 1
+                time.sleep(0.05)
+                continue
+            with sock:  # accepted: answered at once, not after the model has loaded
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert sock.recv(100).startswith(b"HTTP/1.1 200"), "an accepted connection waited for the model"
+            break
+        assert refused > 0
+
+        got, seconds = _exchange(port, b"")  # idle: closed, nothing said
+        assert got == b"" and 1.5 < seconds < 6, seconds
+        got, seconds = _exchange(port, b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert got.startswith(b"HTTP/1.1 408") and b"head did not arrive within 2 s" in got and seconds < 6
+        head = (b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n")
+        got, seconds = _exchange(port, head % 100 + b'{"instances": ')  # the body stops coming
+        assert got.startswith(b"HTTP/1.1 408") and b"--read-timeout" in got and seconds < 6, got
+        got, seconds = _exchange(port, head % 999999999999 + b'{"instances": ["a"]}')
+        assert got.startswith(b"HTTP/1.1 413") and seconds < 1.5, (got, seconds)
+        big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+        got, _ = _exchange(port, big)
+        assert got.startswith(b"HTTP/1.1 431"), got[:100]
+        _exchange(port, head % 1000 + b'{"instances": ["', close_after_send=True)  # gone mid-body
+        # After a response, a keep-alive connection's next head has the same time limit.
+        ok = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        got, seconds = _exchange(port, ok + b"GET /heal")
+        assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in got and 1.5 < seconds < 6, got
+
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/models/tiny:predict", json={"instances": ["still fine"]})
+        assert r.status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert re.search(r'^bertfit_requests_total\{endpoint="predict",code="499"\} 1$', metrics, re.M), metrics
+    finally:
+        proc.kill()
+        proc.wait(30)
+    log.seek(0)
+    output = log.read()
+    assert "Traceback" not in output and "Exception" not in output, output
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits_0(server, clf):
     """Last in this module: it stops the shared server."""
     texts = [f"request in flight {i} great" for i in range(6000)]  # ~100 batches: still running at SIGTERM

@@ -233,7 +233,8 @@ def cmd_serve(args):
     from .serving import serve
 
     serve(args.run, host=args.host, port=args.port, model_name=args.model_name, max_batch=args.max_batch,
-          batch_timeout_ms=args.batch_timeout_ms, max_body_bytes=args.max_body_bytes, max_instances=args.max_instances)
+          batch_timeout_ms=args.batch_timeout_ms, max_body_bytes=args.max_body_bytes, max_instances=args.max_instances,
+          read_timeout_s=args.read_timeout)
 
 
 def cmd_tune(args):
@@ -314,6 +315,8 @@ def build_parser():
     s.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait to fill a batch")
     s.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
     s.add_argument("--max-instances", type=int, default=1024, help="requests with more texts get 413")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request's head and its body each have to arrive (else 408, connection closed)")
     s.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("tune", help="hyperparameter search with Optuna, then a run with the best parameters",

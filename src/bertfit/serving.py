@@ -17,14 +17,17 @@ request the model cannot take: empty lists, non-strings, a missing `text_pair`),
 model, version or path), 405, 413 (body over `max_body_bytes`, or more than `max_instances` texts) or
 415 (a content type other than JSON, or a content encoding). Bound to a loopback address, the server
 answers only requests whose Host is a loopback name (403 otherwise: a DNS-rebinding page would
-send its own). A bad request never affects other requests.
+send its own). A request's head, and then its body, must each arrive within `read_timeout_s` (408 and
+the connection closed; idle connections are closed then too), and a head over 16 KiB gets 431. A
+bad request never affects other requests.
 
 Concurrent requests are merged into model batches of up to `max_batch` texts; a batch starts
 when it is full, when `batch_timeout_ms` have passed since its first text arrived, or at once
 when no other prediction request is being read (nothing could join it). The model runs on one
 worker thread (TensorFlow uses all cores inside it); the event loop only parses and answers.
-On SIGTERM or Ctrl-C the server stops accepting connections, answers every request it has
-taken, drains the batcher and exits with status 0.
+The port is taken before the model loads but connections are accepted only once it has: until
+then they are refused, not left waiting. On SIGTERM or Ctrl-C the server stops accepting
+connections, answers every request it has taken, drains the batcher and exits with status 0.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ VERSION = "1"
 JSON_TYPES = ("application/json", "text/json")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PARSE_IN_THREAD_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+HEAD_LIMIT_BYTES = 16 * 1024  # a request's line and headers (h11's default): larger gets 431
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # an oversized body is read (and dropped) up to this, so the 413 arrives
 
 
@@ -515,10 +519,13 @@ def parse_classify(body, inputs: list[str]):
 
 
 def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
-              max_body_bytes: int = 10 * 1024 * 1024, max_instances: int = 1024, allowed_hosts=None):
+              max_body_bytes: int = 10 * 1024 * 1024, max_instances: int = 1024, allowed_hosts=None,
+              read_timeout_s: float = 30.0):
     """The Starlette application (the batcher starts and drains with the app's lifespan).
-    `allowed_hosts`: the host names a request's Host header may name (None: any)."""
+    `allowed_hosts`: the host names a request's Host header may name (None: any). A body that has not
+    arrived `read_timeout_s` after its request's head gets 408 and the connection is closed."""
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
@@ -547,9 +554,22 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise RequestError(415, f"unsupported content encoding {encoding!r}: send the JSON uncompressed")
+        try:
+            async with asyncio.timeout(read_timeout_s):
+                body = await read_body(request)
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {read_timeout_s:g} s (--read-timeout)") from None
+        except ClientDisconnect:  # nobody to answer: counted, not logged
+            raise RequestError(499, "the client closed the connection before sending the whole body") from None
+        if not body.strip():
+            raise RequestError(400, "the body is empty: send a JSON object")
+        return body
+
+    async def read_body(request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            await drain(request)
+            if int(declared) <= DRAIN_LIMIT_BYTES:
+                await drain(request)
             raise RequestError(413, f"the body has {int(declared)} bytes; the limit is {max_body_bytes} (--max-body-bytes)")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -558,10 +578,7 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
                 await drain(request, size)
                 raise RequestError(413, f"the body is over the limit of {max_body_bytes} bytes (--max-body-bytes)")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body.strip():
-            raise RequestError(400, "the body is empty: send a JSON object")
-        return body
+        return b"".join(chunks)
 
     async def drain(request, size=0):
         """Read (and drop) an oversized body so the client gets the 413 rather than a reset connection."""
@@ -643,7 +660,10 @@ def build_app(model: Model, max_batch: int = 64, batch_timeout_ms: float = 5.0,
                              f"(try POST /v1/models/{model.name}:predict)" if status == 404 else str(exc.detail))
 
     async def request_error(request, exc: RequestError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.status in (408, 413, 499):  # the rest of the body may never come: do not wait for it
+            response.headers["connection"] = "close"
+        return response
 
     async def server_error(request, exc: Exception):
         print(f"bertfit serve: error on {request.method} {request.url.path}: {exc!r}", file=sys.stderr)
@@ -776,14 +796,13 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise BertfitError(f"cannot listen on {host}:{port}: {e.strerror or e}"
                            + (" (another server uses it; pick another with --port)" if e.errno == 98 else "")) from None
-    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None = None, max_batch: int = 64,
           batch_timeout_ms: float = 5.0, max_body_bytes: int = 10 * 1024 * 1024, max_instances: int = 1024,
-          log_level: str = "warning"):
+          read_timeout_s: float = 30.0, log_level: str = "warning"):
     """Serve a run folder over HTTP with TF Serving's REST API until SIGTERM or Ctrl-C."""
     try:
         import uvicorn
@@ -797,18 +816,21 @@ def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None
         raise BertfitError(f"--max-body-bytes must be positive, got {max_body_bytes}")
     if max_instances < 1:
         raise BertfitError(f"--max-instances must be at least 1, got {max_instances}")
+    if not read_timeout_s > 0 or math.isinf(read_timeout_s):
+        raise BertfitError(f"--read-timeout must be a number of seconds > 0, got {read_timeout_s}")
     name = model_name or Path(run).resolve().name
     if not name or "/" in name or ":" in name:
         raise BertfitError(f"model name {name!r} cannot appear in a URL path; pick another with --model-name")
 
-    sock = _bind(host, port)
+    sock = _bind(host, port)  # the port is taken now (a busy one fails at once), connections come after loading
     model = Model(run, name=name)
     model.warm_up()
     loopback = host.strip("[]").lower() in LOOPBACK_NAMES or host.startswith("127.")
     app = build_app(model, max_batch=max_batch, batch_timeout_ms=batch_timeout_ms, max_body_bytes=max_body_bytes,
-                    max_instances=max_instances, allowed_hosts=(*LOOPBACK_NAMES, host.lower()) if loopback else None)
+                    max_instances=max_instances, allowed_hosts=(*LOOPBACK_NAMES, host.lower()) if loopback else None,
+                    read_timeout_s=read_timeout_s)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=60,
-                            timeout_keep_alive=30, lifespan="on")
+                            timeout_keep_alive=30, lifespan="on", http=_protocol(read_timeout_s))
     server = _Server(config)
 
     bound_port = sock.getsockname()[1]
@@ -821,8 +843,68 @@ def serve(run, host: str = "127.0.0.1", port: int = 8501, model_name: str | None
           f"  model: {model.backend}; batching up to {max_batch} texts, waiting at most {batch_timeout_ms:g} ms; Ctrl-C or SIGTERM stops\n"
           f"  try: curl -s -X POST {url}:predict -H 'Content-Type: application/json' -d '{example}'",
           flush=True)
+    sock.listen(2048)
     server.run(sockets=[sock])
     print("bertfit serve: stopped", file=sys.stderr, flush=True)
+
+
+def _raw_response(status: int, reason: str, message: str) -> bytes:
+    body = _dumps({"error": message})
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _protocol(read_timeout_s: float):
+    """uvicorn's h11 protocol, with two limits it lacks: a request's head must arrive within
+    read_timeout_s of the connection's start or of the previous response (else 408, or a plain close
+    when nothing came: uvicorn closes idle connections only after a response, so idle and half-sent
+    requests held their connections forever), and a head over 16 KiB gets 431 (h11 limits only heads
+    that arrive in parts, and uvicorn answers those 400)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def data_received(self, data):
+            if self.cycle is None or self.cycle.response_complete:  # a head is coming
+                pending = self.conn.trailing_data[0] + data
+                end = pending.find(b"\r\n\r\n")
+                if (end if end >= 0 else len(pending)) > HEAD_LIMIT_BYTES:
+                    self.transport.write(_raw_response(431, "Request Header Fields Too Large",
+                                                       f"the request's head is over {HEAD_LIMIT_BYTES // 1024} KiB"))
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.arm_head_timer()
+
+        def arm_head_timer(self):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            if not self.transport.is_closing():
+                self.head_timer = self.loop.call_later(read_timeout_s, self.head_timeout)
+
+        def head_timeout(self):
+            """No request in progress when the time is up: close (with 408 if part of a head came)."""
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            if self.conn.trailing_data[0]:
+                self.transport.write(_raw_response(408, "Request Timeout",
+                                                   f"the request's head did not arrive within {read_timeout_s:g} s"))
+            self.transport.close()
+
+    return Protocol
 
 
 try:
