@@ -150,7 +150,7 @@ def start_server(run, port, max_batch, timeout_ms, log):
             raise SystemExit(f"the server exited with status {proc.returncode}; see {log.name}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 if b" 200 " in s.recv(1024):
                     return proc
         except OSError:
