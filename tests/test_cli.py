@@ -89,6 +89,31 @@ def test_unwritable_output_path(capsys, tmp_path, files, tiny_model):
     assert code == 2 and "cannot write to the output folder" in err
 
 
+def test_python_api_names_keywords_where_the_cli_names_flags(capsys, tmp_path, files, tiny_model):
+    """The same mistake, both ways: `text_column=` from Python, `--text-column` from the command line;
+    and bertfit.fine_tune's signature lists every option with its default (issue 27, item 2)."""
+    import inspect
+
+    from bertfit import training
+    from bertfit.errors import DataError
+
+    with pytest.raises(DataError, match=r"no column 'nope' \(text_column=\)") as info:
+        bertfit.fine_tune(files / "ok.tsv", text="nope", model=tiny_model)
+    assert "--" not in str(info.value)
+    code, _, err = run(capsys, "train", files / "ok.tsv", "--text-column", "nope", "--model", tiny_model,
+                       "--out", tmp_path / "r")
+    assert code == 2 and "no column 'nope' (--text-column)" in err
+    with pytest.raises(DataError, match=r"format='xls'|unknown format 'xls': format= must be"):
+        bertfit.fine_tune(files / "ok.tsv", format="xls", model=tiny_model)
+
+    signature = inspect.signature(bertfit.fine_tune)
+    for name, default in (("learning_rate", 5e-5), ("epochs", 3), ("max_length", 128), ("text_column", None),
+                          ("out", None), ("resume", False), ("label_delimiter", None), ("encoding", "utf-8")):
+        assert signature.parameters[name].default == default, name
+    assert signature.parameters == inspect.signature(training.fine_tune).parameters  # the wrapper and the code
+    assert "resume=True" in bertfit.fine_tune.__doc__ and "learning_rate" in bertfit.fine_tune.__doc__
+
+
 def test_resume_without_a_run(capsys, tmp_path, files, tiny_model):
     code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", tmp_path / "none", "--resume")
     assert code == 2 and "nothing to resume" in err

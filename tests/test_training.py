@@ -437,8 +437,9 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
         bertfit.load(killed)
     assert f"--out {killed} --resume" in str(info.value)  # the command, with the path filled in
 
-    done = subprocess.run(_train_cmd(train, dev, tiny_model, killed) + ["--resume"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    # The run's own data and options: no need to type them again (issue 27, item 1).
+    done = subprocess.run([sys.executable, "-m", "bertfit.cli", "train", "--out", str(killed), "--resume"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch 2" in done.stderr
     a = json.loads((straight / "metrics.json").read_text())
@@ -449,11 +450,90 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-4), (a["history"], b["history"])
 
 
+def test_resume_refuses_other_data_and_options_and_leaves_a_complete_run_alone(tiny_model, binary_files, tmp_path):
+    """Ctrl-C prints the resume command; a resume with a changed option or changed data is refused,
+    naming it; the same data under another name is fine; resuming a complete run does nothing."""
+    from bertfit.cli import main
+
+    train, dev = binary_files
+    data = tmp_path / "train.tsv"
+    data.write_bytes(open(train, "rb").read())
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(str(data), dev, tiny_model, run), env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "checkpoints" / "last.json").exists():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert f"bertfit: interrupted; continue with: bertfit train --out {run} --resume" in err, err[-2000:]
+    source = json.loads((run / "source.json").read_text())
+    assert source["data"]["train"]["path"] == str(data) and source["command"].startswith("bertfit train ")
+    assert len(source["data"]["train"]["sha256"]) == 64 and "test" not in source["data"]
+
+    def resume(*args):
+        return main(["train", *map(str, args), "--out", str(run), "--resume"])
+
+    assert resume("--learning-rate", "3e-5", "--epochs", "2") == 2  # --epochs 2 is the run's own: fine
+    assert not (run / "metrics.json").exists()
+    data.write_bytes(data.read_bytes() + b"an extra row\tpos\n")
+    assert resume() == 2
+    data.write_bytes(open(train, "rb").read())
+    assert resume(train) == 0  # the same content under its first name: the same data
+    metrics = (run / "metrics.json").read_text()
+    assert json.loads((run / "run.json").read_text())["state"] == "complete"
+    assert resume() == 0 and (run / "metrics.json").read_text() == metrics
+
+
+def test_resume_messages(tiny_model, binary_files, tmp_path, capsys):
+    """The words of the refusals above (capsys cannot be shared with a subprocess test's own output)."""
+    from bertfit.cli import main
+
+    train, dev = binary_files
+    data = tmp_path / "train.tsv"
+    data.write_bytes(open(train, "rb").read())
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--validation", dev, "--model", tiny_model, "--out", str(run), "--epochs", "1",
+                 "--max-length", "32", "--no-export"]) == 0
+    capsys.readouterr()
+    (run / "run.json").write_text('{"state": "training"}')  # as if it had been stopped in its last step
+
+    assert main(["train", "--out", str(run), "--resume", "--learning-rate", "3e-5", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "these differ: --learning-rate 3e-05 (the run has 5e-05)" in err and "--epochs" not in err, err
+    assert f"Drop them to resume (bertfit train --out {run} --resume)" in err
+    with pytest.raises(BertfitError, match=r"these differ: learning_rate=3e-05 \(the run has 5e-05\)\. Drop them "
+                                           r"to resume \(fine_tune\(out=.*, resume=True\)\)"):
+        bertfit.fine_tune(out=run, resume=True, learning_rate=3e-5)  # the Python API names its keywords
+    data.write_bytes(data.read_bytes() + b"an extra row\tpos\n")
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"train data {data} changed since the run started" in err and "resuming would train on other data" in err
+    assert main(["train", dev, "--out", str(run), "--resume"]) == 2
+    assert f"train data {dev} is not {data}, the file the run started with" in capsys.readouterr().err
+    data.unlink()
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    assert f"was trained on {data} (train data), which is gone" in capsys.readouterr().err
+
+    (run / "run.json").write_text('{"state": "complete"}')
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"{run} is complete: nothing to do" in captured.err and "run folder:" in captured.out
+    assert main(["train", "--out", str(tmp_path / "new")]) == 2
+    assert "train needs DATA" in capsys.readouterr().err
+
+
 def test_load_names_what_is_not_a_run_folder(tiny_model, tmp_path):
     """An empty folder or a model checkpoint is 'not a run folder', not an 'incomplete' run (issue 26, item 4)."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(BertfitError, match=r"empty: not a bertfit run folder \(no run.json or config.yaml") as info:
         bertfit.load(tmp_path / "empty")
     assert "incomplete" not in str(info.value) and "checkpoint" not in str(info.value)
-    with pytest.raises(BertfitError, match="not a bertfit run folder.*holds a model checkpoint.*--model"):
+    with pytest.raises(BertfitError, match="not a bertfit run folder.*holds a model checkpoint.*model="):
         bertfit.load(tiny_model)

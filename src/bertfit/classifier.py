@@ -5,7 +5,8 @@ Run folder contract (what `save` writes and `load` reads; nothing else is needed
     weights.safetensors  canonical encoder weights + classifier/{kernel,bias} (best epoch)
     vocab.txt            WordPiece vocabulary
     run.json             {"state": "complete", ...}: written last, so a killed run never looks complete
-Training adds metrics.json, report.html, logs/ (TensorBoard), checkpoints/ and saved_model/.
+Training adds source.json (data files and command line, for --resume), metrics.json, report.html,
+logs/ (TensorBoard), checkpoints/ and saved_model/.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import features as feats
-from .config import DataConfig, EncoderConfig, TrainConfig
+from .config import DataConfig, EncoderConfig, TrainConfig, option
 from .errors import BertfitError, ConfigError
 
 
@@ -251,14 +252,14 @@ def load(run_dir) -> Classifier:
         raise BertfitError(f"{run_dir}: no such run folder")
     state_file = run_dir / "run.json"
     if not state_file.exists() and not (run_dir / "config.yaml").exists():
-        hint = (": it holds a model checkpoint, to fine-tune with --model (or bertfit.load_pretrained)"
+        hint = (f": it holds a model checkpoint, to fine-tune with {option('model')} (or bertfit.load_pretrained)"
                 if (run_dir / "config.json").exists() or (run_dir / "bert_config.json").exists() else "")
         raise BertfitError(f"{run_dir}: not a bertfit run folder (no run.json or config.yaml from `bertfit train`)"
                            + hint)
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("state") != "complete":
         raise BertfitError(f"{run_dir}: the run is incomplete (training did not finish); "
-                           f"continue it with `bertfit train ... --out {run_dir} --resume`")
+                           f"continue it with `bertfit train --out {run_dir} --resume`")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     pretrained = load_pretrained(str(run_dir))
     labels = config["labels"]

@@ -123,9 +123,12 @@ JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padd
 def cmd_train(args):
     from .training import fine_tune
 
+    if args.data is None and not args.resume:
+        raise BertfitError("train needs DATA, the training data file or folder (only --resume may leave it out)")
     options = {**options_from(args, dataclasses.fields(DataConfig)), **options_from(args, dataclasses.fields(TrainConfig))}
     clf = fine_tune(args.data, args.validation, args.test, out=args.out, overwrite=args.overwrite, resume=args.resume,
-                    config_file=args.config, log=lambda m: print(m, file=sys.stderr), **options)
+                    config_file=args.config, log=lambda m: print(m, file=sys.stderr), command=["bertfit", *args.argv],
+                    **options)
     print_summary(clf.metrics, clf.run_dir, note=f"(this worker writes nothing: the chief writes {args.out})")
 
 
@@ -256,12 +259,13 @@ def build_parser():
 
     t = sub.add_parser("train", help="fine-tune a classifier and write a run folder",
                        formatter_class=HelpFormatter)
-    t.add_argument("data", help="training data file or folder")
+    t.add_argument("data", nargs="?", help="training data file or folder (with --resume: the run's own, if left out)")
     t.add_argument("--validation", help="validation data (default: a stratified split of the training data)")
     t.add_argument("--test", help="test data, evaluated once at the end")
     t.add_argument("--out", required=True, help="run folder to write")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out, with its own data and options")
     t.add_argument("--config", help="YAML file of options (flags given here override it)")
     add_data_flags(t)
     add_train_flags(t)
@@ -374,16 +378,37 @@ def parse(parser, argv=None):
 
 
 def main(argv=None):
+    from . import config
+
+    previous, config.COMMAND_LINE = config.COMMAND_LINE, True  # messages name flags, not Python's keywords
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        config.COMMAND_LINE = previous
+
+
+def _main(argv):
     args = parse(build_parser(), argv)
+    args.argv = argv
     try:
         args.func(args)
     except BertfitError as e:
         print(f"bertfit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bertfit: interrupted", file=sys.stderr)
+        print(f"bertfit: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resume_hint(args) -> str:
+    """How to continue an interrupted `train`, when it got as far as leaving something to continue."""
+    out = Path(args.out) if args.command == "train" and args.out else None
+    if out is None or not (out / "checkpoints").is_dir():
+        return ""
+    from .resume import resume_command
+
+    return f"; continue with: {resume_command(out)}"
 
 
 if __name__ == "__main__":

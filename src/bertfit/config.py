@@ -98,6 +98,39 @@ _KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and no
           "None": ("nothing (null)", lambda v: v is None)}
 
 
+COMMAND_LINE = False  # set by the command line: messages then name its flags, not Python's keywords
+
+
+def option(name: str, value: Any = None) -> str:
+    """An option as the user spells it, for messages: `--learning-rate 3e-05`, `--no-header` on the
+    command line; `learning_rate=3e-05`, `header=False` for the Python API."""
+    if not COMMAND_LINE:
+        return f"{name}=" + ("" if value is None else repr(value))
+    flag = "--" + name.replace("_", "-")
+    if value is True or value is False:
+        return flag if value else "--no-" + flag[2:]
+    return flag if value is None else f"{flag} {value}"
+
+
+def options_in_signature(function):
+    """A function's **options as real keyword parameters for help(), IDEs and inspect.signature: every
+    DataConfig and TrainConfig field with its default (an option not given is left to the config file,
+    then to that default)."""
+    import inspect
+
+    signature = inspect.signature(function)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    named = {p.name for p in params}
+    for cls in (DataConfig, TrainConfig):
+        for f in fields(cls):
+            if f.name not in named:
+                default = None if f.default is dataclasses.MISSING else f.default
+                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=f.type))
+    function.__signature__ = signature.replace(parameters=params)
+    return function
+
+
 def check_types(cls, options: dict[str, Any], where: str = ""):
     """A clear error for an option of the wrong type (`epochs: three` in a YAML file), naming it and
     what it takes, before the value reaches code that would fail on it with a traceback."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import option as opt
 from .errors import DataError
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "folder", "tfrecord")
@@ -36,10 +37,6 @@ _SUFFIX_FORMATS = {
 _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$", re.IGNORECASE)
 _DEFAULT_TEXT = ("text", "sentence")  # tried in this order when no text column is given
 _DEFAULT_LABEL = "label"
-_FLAGS = {  # option -> command-line flag, for messages
-    "text_column": "--text-column", "pair_column": "--pair-column", "label_column": "--label-column",
-    "label_columns": "--label-columns",
-}
 _HEADER_SAMPLE = 50  # rows looked at to tell a header from data when columns are given by index
 
 
@@ -105,7 +102,7 @@ def detect_format(path) -> str:
     fmt = _SUFFIX_FORMATS.get(Path(name).suffix)
     if fmt is None:
         raise DataError(
-            f"{path}: cannot tell the format from the file name; pass --format (one of {', '.join(FORMATS)})"
+            f"{path}: cannot tell the format from the file name; pass {opt('format')} (one of {', '.join(FORMATS)})"
         )
     return fmt
 
@@ -158,8 +155,8 @@ def _decode(data: bytes, encoding, where, part="line") -> str:
     column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
     raise DataError(
         f"{where}: bytes {data[error.start:error.end]!r} (byte {column} of the {part}) are not valid "
-        f"{encoding}; pass --encoding with the file's encoding (e.g. --encoding cp1252), or a fallback "
-        "(--encoding utf-8,latin-1 decodes what is not UTF-8 as latin-1)"
+        f"{encoding}; pass {opt('encoding')} with the file's encoding (e.g. {opt('encoding', 'cp1252')}), or a "
+        f"fallback ({opt('encoding', 'utf-8,latin-1')} decodes what is not UTF-8 as latin-1)"
     )
 
 
@@ -194,7 +191,7 @@ def _csv_rows(path, lines, delimiter):
         except csv.Error as e:
             unclosed = " a quote opened on this line is never closed;" if reader.line_num > end + 1 else ""
             raise DataError(
-                f"{path}, line {end + 1}: malformed CSV ({e}):{unclosed} fix it, or pass --quoting none"
+                f"{path}, line {end + 1}: malformed CSV ({e}):{unclosed} fix it, or pass {opt('quoting', 'none')}"
             ) from None
         yield end + 1, fields
         end = reader.line_num
@@ -216,7 +213,7 @@ def _table_rows(path, delimiter, quoted, encoding):
             width = len(fields)
         elif len(fields) != width:
             separated = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
-            hint = " (an unbalanced quote makes a field run on; fix it or pass --quoting none)" if quoted else ""
+            hint = f" (an unbalanced quote makes a field run on; fix it or pass {opt('quoting', 'none')})" if quoted else ""
             raise DataError(
                 f"{path}, line {number}: {len(fields)} {separated}-separated fields where the first row "
                 f"has {width}{hint}"
@@ -451,12 +448,12 @@ def _column(spec, names, width, path, option) -> int:
     if index is not None:
         if not 0 <= index < width:
             raise DataError(
-                f"{path}: {_FLAGS[option]} {index} is out of range: rows have {width} fields (0 to {width - 1})"
+                f"{path}: {opt(option, index)} is out of range: rows have {width} fields (0 to {width - 1})"
             )
         return index
     if names is None:
         raise DataError(
-            f"{path}: {_FLAGS[option]} {spec!r} is a name, but the file has no header (--no-header): "
+            f"{path}: {opt(option, spec)} is a name, but the file has no header ({opt('header', False)}): "
             "give columns by 0-based index"
         )
     if spec in names:
@@ -464,12 +461,12 @@ def _column(spec, names, width, path, option) -> int:
         if len(at) > 1:  # which one was meant cannot be told: refuse rather than take the first
             raise DataError(f"{path}: column {spec!r} appears {len(at)} times in the header (fields "
                             f"{', '.join(map(str, at))}, 0-based): rename one, or give the field by index "
-                            f"({_FLAGS[option]} {at[0]})")
+                            f"({opt(option, at[0])})")
         return at[0]
     close = difflib.get_close_matches(str(spec), names, n=3)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise DataError(
-        f"{path}: no column {spec!r} ({_FLAGS[option]}).{hint} Available columns: {', '.join(map(repr, names))}"
+        f"{path}: no column {spec!r} ({opt(option)}).{hint} Available columns: {', '.join(map(repr, names))}"
         + ("" if close else ". If the file has no header, give columns by 0-based index")
     )
 
@@ -524,7 +521,7 @@ def _resolve(names, width, path, text_column, pair_column, label_column, label_c
         text_column = next((c for c in _DEFAULT_TEXT if names and c in names), None)
         if text_column is None:
             raise DataError(
-                f"{path}: no 'text' or 'sentence' column; pass --text-column (a name, or a 0-based index "
+                f"{path}: no 'text' or 'sentence' column; pass {opt('text_column')} (a name, or a 0-based index "
                 f"for a file without header){available}"
             )
     text, text_name = find(text_column, "text_column")
@@ -532,7 +529,7 @@ def _resolve(names, width, path, text_column, pair_column, label_column, label_c
     if pair_column is not None:
         columns.pair, columns.pair_name = find(pair_column, "pair_column")
     if label_column is not None and label_columns:
-        raise DataError(f"{path}: give either --label-column or --label-columns, not both")
+        raise DataError(f"{path}: give either {opt('label_column')} or {opt('label_columns')}, not both")
     if label_columns:
         columns.flags = [find(spec, "label_columns") for spec in label_columns]
     elif label_column is not None:
@@ -540,7 +537,7 @@ def _resolve(names, width, path, text_column, pair_column, label_column, label_c
     elif require_labels:  # without them (prediction), labels come only from a column given explicitly
         if not (names and _DEFAULT_LABEL in names):
             raise DataError(
-                f"{path}: no 'label' column; pass --label-column (or --label-columns for 0/1 columns){available}"
+                f"{path}: no 'label' column; pass {opt('label_column')} (or {opt('label_columns')} for 0/1 columns){available}"
             )
         columns.label, columns.label_name = find(_DEFAULT_LABEL, "label_column")
     return columns
@@ -609,7 +606,7 @@ def _read_label_names(path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the label names (--label-names): {e}") from None
+        raise DataError(f"{path}: cannot read the label names ({opt('label_names')}): {e}") from None
     names = [line.strip() for line in lines]
     while names and not names[-1]:
         names.pop()
@@ -661,16 +658,16 @@ def iter_examples(
     elif format is None:
         format = detect_format(path)
     elif format not in FORMATS:
-        raise DataError(f"unknown format {format!r}: --format must be one of {', '.join(FORMATS)}")
+        raise DataError(f"unknown format {format!r}: {opt('format')} must be one of {', '.join(FORMATS)}")
     elif not (Path(path).exists() or _archive_parts(path)):
         raise DataError(f"{path}: no such file or folder")
     if quoting not in (None, "csv", "none"):
-        raise DataError(f"unknown quoting {quoting!r}: --quoting must be csv or none")
+        raise DataError(f"unknown quoting {quoting!r}: {opt('quoting')} must be csv or none")
     for name in encoding.split(","):
         try:
             codecs.lookup(name.strip())
         except LookupError:
-            raise DataError(f"unknown encoding {name.strip()!r} (--encoding)") from None
+            raise DataError(f"unknown encoding {name.strip()!r} ({opt('encoding')})") from None
 
     if format == "folder":
         given = dict(text_column=text_column, pair_column=pair_column, label_column=label_column,
@@ -682,11 +679,12 @@ def iter_examples(
             )
         examples = _folder_examples(path, encoding)
     elif table is None and Path(path).is_dir():
-        raise DataError(f"{path}: is a folder, but --format {format} reads a file")
+        raise DataError(f"{path}: is a folder, but {opt('format', format)} reads a file")
     else:
         id_names = (label_names, _read_label_names(label_names)) if label_names is not None else None
         if id_names and label_columns:
-            raise DataError("--label-names maps label ids in --label-column; --label-columns are named by their header")
+            raise DataError(f"{opt('label_names')} maps label ids in {opt('label_column')}; {opt('label_columns')} "
+                            "are named by their header")
         examples = _row_examples(
             path, format, text_column, pair_column, label_column, label_columns, header, quoting, encoding,
             label_delimiter, id_names, require_labels, table,
@@ -708,7 +706,7 @@ def _folder_examples(path, encoding):
     elif tarfile.is_tarfile(path):  # --format folder on an archive with an unusual name
         files = _tar_files(path, "")
     else:
-        raise DataError(f"{path}: --format folder needs a folder or a tar archive")
+        raise DataError(f"{path}: {opt('format', 'folder')} needs a folder or a tar archive")
     for name, label, data in files:
         text = _decode(data, encoding, name, "file").removeprefix("\ufeff")
         if not text.strip():

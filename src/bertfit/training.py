@@ -23,7 +23,7 @@ import numpy as np
 
 from . import features as feats
 from .classifier import Classifier, dump_yaml, write_atomic
-from .config import DataConfig, TrainConfig, check_types, split_options
+from .config import DataConfig, TrainConfig, check_types, option, options_in_signature, split_options
 from .errors import BertfitError, ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -223,15 +223,15 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         try:
             return tf.distribute.MultiWorkerMirroredStrategy()
         except (RuntimeError, ValueError) as e:
-            raise ConfigError(f"--strategy multi-worker: {e} (the strategy must be created before any other "
-                              "TensorFlow work in the process: one multi-worker run per process)") from None
+            raise ConfigError(f"{option('strategy', 'multi-worker')}: {e} (the strategy must be created before any "
+                              "other TensorFlow work in the process: one multi-worker run per process)") from None
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, RuntimeError, tf.errors.OpError) as e:
-            raise ConfigError(f"--strategy tpu: no TPU found ({e})") from None
+            raise ConfigError(f"{option('strategy', 'tpu')}: no TPU found ({e})") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ConfigError(f"unknown strategy {name!r}")
 
@@ -239,7 +239,8 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 def _check_tf_config():
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ConfigError("--strategy multi-worker needs the TF_CONFIG environment variable (the cluster spec)")
+        raise ConfigError(f"{option('strategy', 'multi-worker')} needs the TF_CONFIG environment variable "
+                          "(the cluster spec)")
     try:
         spec = json.loads(raw)
         cluster, task = spec["cluster"], spec["task"]
@@ -338,7 +339,7 @@ class RunFolder(keras.callbacks.Callback):
         loss = float(np.asarray(logs["loss"]).reshape(-1)[0]) * config.gradient_accumulation
         if not math.isfinite(loss):
             raise BertfitError(f"the training loss became {loss} at epoch {state['epoch'] + 1}, batch {b + 1}: "
-                               "lower --learning-rate (or use bf16 instead of fp16)")
+                               f"lower {option('learning_rate')} (or use bf16 instead of fp16)")
         rows = self.batches[b]
         self.recent = self.recent[-49:] + [loss]
         state.update(batch=b + 1, loss_sum=state["loss_sum"] + loss, loss_count=state["loss_count"] + 1,
@@ -556,17 +557,18 @@ def resolve_metric(config: TrainConfig, multilabel: bool) -> str:
 def prepare_out(out: Path, overwrite: bool, resume: bool):
     """Refuse to clobber anything unless asked; never delete a folder bertfit did not make."""
     if out.exists() and not out.is_dir():
-        raise BertfitError(f"{out} is a file, not a folder: choose another --out")
+        raise BertfitError(f"{out} is a file, not a folder: choose another {option('out')}")
     if resume:
         if not (out / "config.yaml").exists():
             raise BertfitError(f"{out}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise BertfitError(f"{out} already exists and is not empty: pass --overwrite to replace it, "
-                               "--resume to continue it, or choose another --out")
+            raise BertfitError(f"{out} already exists and is not empty: pass {option('overwrite', True)} to replace "
+                               f"it, {option('resume', True)} to continue it, or choose another {option('out')}")
         if not ((out / "config.yaml").exists() and ((out / "run.json").exists() or (out / "checkpoints").exists())):
-            raise BertfitError(f"{out} does not look like a bertfit run folder: not deleting it, even with --overwrite")
+            raise BertfitError(f"{out} does not look like a bertfit run folder: not deleting it, even with "
+                               f"{option('overwrite', True)}")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -584,25 +586,25 @@ def label_log_odds(y: np.ndarray) -> np.ndarray:
     return np.log(p / (1.0 - p)).astype("float32")
 
 
-def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=None, model=None, out=None,
+def fine_tune(train=None, validation=None, test=None, *, text=None, pair=None, label=None, model=None, out=None,
               overwrite=False, resume=False, config_file=None, log=print, on_epoch_end=None, callbacks=None,
-              **options) -> Classifier:
-    """Fine-tune a BERT classifier on a data file, a DataFrame, a dict of columns, a tf.data.Dataset (or
-    Examples) and write a complete run folder.
-
-    `options` are the flat option names of DataConfig and TrainConfig (the same as the CLI flags
-    with dashes turned into underscores); `config_file` is a YAML file of the same keys, which
-    explicit options override. `on_epoch_end(epoch, validation_metrics)` is called after each
-    epoch's evaluation (epoch counts from 1); an exception it raises ends the run (tuning uses
-    this to prune trials). Training runs `keras.Model.fit`; `callbacks` are Keras callbacks of your own,
-    run after bertfit's, whose epoch logs hold `loss` and the validation metrics (`val_loss`,
-    `val_accuracy`, ...). With several workers only the chief writes `out`.
-    """
+              command=None, **options) -> Classifier:
+    """bertfit.fine_tune (its docstring says what each argument does; the signatures are the same)."""
+    from . import __version__, resume as resuming
     from .tokenization import BertTokenizer  # noqa: F401  (fail early if tensorflow-text is broken)
 
     out = Path(out) if out is not None else None
     if resume and out is None:
-        raise ConfigError("--resume needs --out (the run folder to continue)")
+        raise ConfigError(f"{option('resume', True)} needs {option('out')} (the run folder to continue)")
+    if resume and _is_complete(out):
+        log(f"{out} is complete: nothing to do (to train it again, pass {option('overwrite', True)})")
+        return _load_complete(out)
+    sources = {"train": train, "validation": validation, "test": test}
+    if resume and (out / "config.yaml").exists():
+        sources = resuming.resumed_sources(out, sources)
+        train, validation, test = sources["train"], sources["validation"], sources["test"]
+    elif train is None and not resume:
+        raise ConfigError("no training data: give train (a file, folder, DataFrame or tf.data.Dataset)")
     data_config, config = _resolve_options(train, text, pair, label, model, out if resume else None, config_file,
                                            options)
     strategy = make_strategy(config.strategy)  # first: MultiWorkerMirroredStrategy must precede other TF work
@@ -614,6 +616,8 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     keras.utils.set_random_seed(config.seed)
     try:
         data = _read_and_tokenize(train, validation, test, data_config, config, strategy, out if chief else None, log)
+        if out is not None and chief and not resume:  # the data read well: record what it was
+            resuming.record(out, sources, command, __version__)
         clf = _classifier(data, data_config, config, strategy)
         run = Run(clf, data, strategy, out, chief, resume, log, on_epoch_end)
     except BaseException:
@@ -626,6 +630,24 @@ def fine_tune(train, validation=None, test=None, *, text=None, pair=None, label=
     if data.remove_cache is not None:
         data.remove_cache()
     return run.finish()
+
+
+options_in_signature(fine_tune)
+
+
+def _is_complete(out: Path) -> bool:
+    try:
+        return json.loads((out / "run.json").read_text()).get("state") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def _load_complete(out: Path) -> Classifier:
+    from .classifier import load
+
+    clf = load(out)
+    clf.metrics, clf.run_dir = json.loads((out / "metrics.json").read_text()), out
+    return clf
 
 
 def _remove_started(out: Path, new_folder: bool):
@@ -641,22 +663,24 @@ def _resolve_options(train, text, pair, label, model, resumed, config_file, opti
     """(DataConfig, TrainConfig): a resumed run's own, or the YAML file's under the explicit options."""
     from .data import dataset_options
 
-    if resumed is not None:
-        import yaml
-
-        saved = yaml.safe_load((resumed / "config.yaml").read_text()) if (resumed / "config.yaml").exists() else None
-        if saved is None:
-            raise BertfitError(f"{resumed}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
-        data_options, train_options = saved["data"], saved["train"]
-    else:
-        flat = load_config_file(config_file) if config_file else {}
-        flat.update({k: v for k, v in options.items() if v is not None})
-        for key, value in (("text_column", text), ("pair_column", pair), ("label_column", label), ("model", model)):
-            if value is not None:
-                flat[key] = value
-        flat.update(dataset_options(train))  # a tuple dataset's parts are (text, [pair,] label)
+    flat = load_config_file(config_file) if config_file else {}
+    flat.update({k: v for k, v in options.items() if v is not None})
+    for key, value in (("text_column", text), ("pair_column", pair), ("label_column", label), ("model", model)):
+        if value is not None:
+            flat[key] = value
+    flat.update(dataset_options(train))  # a tuple dataset's parts are (text, [pair,] label)
+    if resumed is None:
         data_options, train_options = split_options(flat)
-    return DataConfig.from_dict(data_options), TrainConfig.from_dict(train_options)
+        return DataConfig.from_dict(data_options), TrainConfig.from_dict(train_options)
+    import yaml
+
+    from .resume import check_options
+
+    saved = yaml.safe_load((resumed / "config.yaml").read_text()) if (resumed / "config.yaml").exists() else None
+    if saved is None:
+        raise BertfitError(f"{resumed}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
+    check_options(resumed, saved["data"], saved["train"], flat)  # a resumed run keeps its own options
+    return DataConfig.from_dict(saved["data"]), TrainConfig.from_dict(saved["train"])
 
 
 def _read_and_tokenize(train, validation, test, data_config, config, strategy, out, log) -> SimpleNamespace:
@@ -674,7 +698,7 @@ def _read_and_tokenize(train, validation, test, data_config, config, strategy, o
         return read_examples(source, **data_config.read_options())
 
     if config.class_weight and data_config.multilabel:
-        raise ConfigError("--class-weight balanced is for single-label tasks")
+        raise ConfigError(f"{option('class_weight', 'balanced')} is for single-label tasks")
     metric = resolve_metric(config, data_config.multilabel)
     val_ex, test_ex = read(validation), read(test)
     with strategy.scope(), dtype_policy(config.mixed_precision):

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METRICS, DataConfig, TrainConfig, split_options
+from .config import METRICS, DataConfig, TrainConfig, options_in_signature, split_options
 from .errors import BertfitError, ConfigError
 
 DEFAULT_SEARCH_SPACE = {
@@ -513,6 +513,9 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
         f"{out / 'tuning.html'}, {out / 'tuning.json'}")
     clf.tuning = summary
     return clf
+
+
+options_in_signature(tune)
 
 
 def _final_run(out: Path, train_ex, val_ex, options: dict, log):
