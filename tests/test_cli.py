@@ -4,6 +4,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 import bertfit
@@ -273,6 +274,49 @@ def test_wrong_types_in_a_config_file_and_a_file_as_out_exit_2(capsys, tmp_path,
     code, _, err = run(capsys, "train", files / "ok.tsv", "--model", tiny_model, "--out", taken)
     assert code == 2 and "Traceback" not in err and f"{taken} is a file, not a folder" in err, err
     assert taken.read_text() == "mine"
+
+
+def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch):
+    """No --output: answers on stdout; --input - reads stdin (its format sniffed, or --format); a .csv
+    output (or --output-format csv) is CSV with a probability column per label (issue 27, item 3)."""
+    import csv
+    import io
+    import sys
+
+    run_dir = random_run(tiny_model, tmp_path, saved_model=False)
+    clf = bertfit.load(run_dir)
+    col = ["--text-column", "sentence"]
+    rows = [line.split("\t") for line in (files / "ok.tsv").read_text().splitlines()[1:]]
+    want = clf.predict_proba([r[0] for r in rows])
+
+    code, stdout, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", *col)
+    assert code == 0 and "wrote 40 predictions to stdout" in err, err
+    answers = [json.loads(line) for line in stdout.splitlines()]
+    assert [a["line"] for a in answers] == list(range(2, 42))
+    np.testing.assert_allclose([list(a["probabilities"].values()) for a in answers], want, atol=1e-5)
+
+    for data, extra in ((files / "ok.tsv").read_bytes(), []),  \
+            ("".join(json.dumps({"sentence": r[0]}) + "\n" for r in rows).encode(), []), \
+            ((files / "ok.tsv").read_bytes(), ["--format", "tsv"]):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        code, stdout, err = run(capsys, "predict", run_dir, "--input", "-", *col, *extra)
+        assert code == 0, err
+        got = [json.loads(line) for line in stdout.splitlines()]
+        np.testing.assert_allclose([list(a["probabilities"].values()) for a in got], want, atol=1e-5)
+        assert got[0]["line"] == (2 if data.startswith(b"sentence") else 1)
+
+    out = tmp_path / "answers.csv"
+    code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", *col, "--output", out)
+    assert code == 0, err
+    table = list(csv.reader(out.open()))
+    assert table[0] == ["line", "label", *(f"p_{name}" for name in clf.labels)]
+    assert [int(r[0]) for r in table[1:]] == list(range(2, 42))
+    assert [r[1] for r in table[1:]] == [clf.labels[j] for j in want.argmax(1)]
+    np.testing.assert_allclose([[float(x) for x in r[2:]] for r in table[1:]], want, atol=1e-5)
+    code, stdout, _ = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", *col, "--output-format", "csv")
+    assert code == 0 and stdout.splitlines()[0] == ",".join(table[0]) and len(stdout.splitlines()) == 41
+    code, _, err = run(capsys, "predict", run_dir, "a text", "--output", out)
+    assert code == 2 and "--output is for --input FILE" in err
 
 
 def test_predict_output_that_cannot_be_written_exits_2(capsys, tmp_path, files, tiny_model):

@@ -201,12 +201,14 @@ def cmd_predict(args):
     if args.input:
         from .predict import predict_file
 
-        n = predict_file(clf, args.input, args.output, batch_size=args.batch_size,
+        n = predict_file(clf, args.input, args.output, batch_size=args.batch_size, output_format=args.output_format,
                          **options_from(args, dataclasses.fields(DataConfig)))
-        print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+        print(f"wrote {n} predictions to {args.output or 'stdout'}", file=sys.stderr)
         return
+    if args.output:
+        raise BertfitError("--output is for --input FILE: texts given on the command line are answered on stdout")
     if not args.texts:
-        raise BertfitError("give texts to classify, or --input FILE --output FILE.jsonl")
+        raise BertfitError("give texts to classify, or --input FILE (- for stdin)")
     for text, result in zip(args.texts, clf.predict(args.texts)):
         print(json.dumps({"text": text, **result}, ensure_ascii=False))
 
@@ -293,8 +295,11 @@ def build_parser():
                        formatter_class=HelpFormatter)
     r.add_argument("run", help="run folder written by bertfit train")
     r.add_argument("texts", nargs="*", help="texts to classify (or --input)")
-    r.add_argument("--input", help="data file to classify (streamed; any size)")
-    r.add_argument("--output", help="JSONL file to write: one {label, probabilities} per input row")
+    r.add_argument("--input", help="data file to classify (streamed; any size), or - for stdin")
+    r.add_argument("--output", help="file to write, one answer per input row: JSONL {line, label, probabilities}, "
+                                    "or CSV for a .csv name (default: stdout)")
+    r.add_argument("--output-format", choices=["jsonl", "csv"],
+                   help="the output's format, when --output's name does not say it (stdout: jsonl)")
     r.add_argument("--batch-size", type=int, default=64, help="texts per model batch")
     r.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(r, with_label=False)

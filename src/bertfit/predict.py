@@ -1,10 +1,16 @@
-"""Stream a data file of any size through a classifier into JSONL, with bounded memory."""
+"""Stream a data file of any size (or stdin) through a classifier into JSONL or CSV (a file, or
+stdout), with bounded memory."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import errno
 import json
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from .errors import BertfitError
@@ -17,50 +23,72 @@ CHUNK = 4096  # rows held in memory at a time
 WHERE = {"csv": "line", "tsv": "line", "jsonl": "line", "parquet": "row", "tfrecord": "record", "folder": "file"}
 
 
-def predict_file(clf, input_path, output_path, batch_size=64, **read_options) -> int:
-    """Write one {"line"|"row"|"record"|"file", "label", "probabilities"} line per input row, in order;
-    the output appears only when complete."""
-    from .data import detect_format, input_options, iter_examples
+def format_of_output(output_path, given=None) -> str:
+    """jsonl or csv: as given, else from the output file's suffix (stdout: jsonl)."""
+    if given:
+        return given
+    return "csv" if output_path and str(output_path).lower().endswith(".csv") else "jsonl"
 
-    if not output_path:
-        raise BertfitError("--input needs --output FILE.jsonl")
+
+class _Rows:
+    """Writes one answer per input row: {where, label, probabilities} as JSONL, or as CSV columns
+    where, label, then one probability column per label (multi-label: labels joined by ';')."""
+
+    def __init__(self, stream, kind, where_key, labels):
+        self.stream, self.kind, self.where_key, self.labels = stream, kind, where_key, labels
+        if kind == "csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow([where_key, "label", *(f"p_{name}" for name in labels)])
+
+    def write(self, where, label, row):
+        if self.kind == "csv":
+            self.csv.writerow([where, ";".join(label) if isinstance(label, list) else label,
+                               *(f"{float(p):.6g}" for p in row)])
+        else:
+            self.stream.write(json.dumps({self.where_key: where, "label": label,
+                                          "probabilities": dict(zip(self.labels, map(float, row)))},
+                                         ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def _stdin_as_file(fmt):
+    """stdin, spooled to a temporary file named stdin.FORMAT (the readers need a file they can read
+    twice; the name appears in messages). The format: as given, else jsonl when the first character
+    is '{', tsv when the first line has a tab, else csv."""
+    with tempfile.TemporaryDirectory(prefix="bertfit-stdin-") as folder:
+        raw = sys.stdin.buffer
+        head = raw.read(64 * 1024)
+        if fmt is None:
+            first = head.lstrip()[:1]
+            fmt = "jsonl" if first == b"{" else "tsv" if b"\t" in head.split(b"\n", 1)[0] else "csv"
+        path = Path(folder) / f"stdin.{fmt}"
+        with open(path, "wb") as f:
+            f.write(head)
+            shutil.copyfileobj(raw, f)
+        yield path
+
+
+def predict_file(clf, input_path, output_path=None, batch_size=64, output_format=None, **read_options) -> int:
+    """Write one answer per input row, in order, naming its "line"|"row"|"record"|"file": to output_path
+    (JSONL, or CSV for a .csv name or output_format="csv"; the file appears only when complete) or, when
+    output_path is None, to stdout as the answers come. input_path "-" reads stdin."""
+    if str(input_path) == "-":
+        with _stdin_as_file(read_options.pop("format", None)) as path:
+            return predict_file(clf, path, output_path, batch_size, output_format, **read_options)
+    kind = format_of_output(output_path, output_format)
+    if output_path is None:
+        return _predict_rows(clf, input_path, sys.stdout, kind, batch_size, read_options)
     output_path = Path(output_path)
     if output_path.exists() and output_path.resolve() == Path(input_path).resolve():
         raise BertfitError(f"--output {output_path} is the input file: choose another name")
-    options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
-    for key in ("label_column", "label_columns", "label_delimiter", "label_names"):
-        options.pop(key, None)
-    where_key = WHERE[options["format"] or detect_format(input_path)]
     tmp = output_path.with_name(f".{output_path.name}.tmp{os.getpid()}")
-    count = 0
     try:
-        out_file = open(tmp, "w", encoding="utf-8")
+        out_file = open(tmp, "w", encoding="utf-8", newline="")
     except OSError as e:  # a missing folder, a read-only mount, no permission
         raise BertfitError(f"cannot write --output {output_path}: {e.strerror}") from None
     try:
         with out_file as f:
-            wheres, texts, pairs = [], [], []
-
-            def flush():
-                nonlocal count
-                probs = clf.predict_features(clf.encode(texts, pairs if any(p is not None for p in pairs) else None),
-                                             batch_size=batch_size)
-                for where, label, row in zip(wheres, clf.decide(probs), probs):
-                    f.write(json.dumps({where_key: where, "label": label,
-                                        "probabilities": dict(zip(clf.labels, map(float, row)))},
-                                       ensure_ascii=False) + "\n")
-                count += len(texts)
-                for held in (wheres, texts, pairs):
-                    held.clear()
-
-            for where, text, pair, _ in iter_examples(input_path, **options):
-                wheres.append(where)
-                texts.append(text)
-                pairs.append(pair)
-                if len(texts) >= CHUNK:
-                    flush()
-            if texts:
-                flush()
+            count = _predict_rows(clf, input_path, f, kind, batch_size, read_options)
         os.replace(tmp, output_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -70,4 +98,36 @@ def predict_file(clf, input_path, output_path, batch_size=64, **read_options) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return count
+
+
+def _predict_rows(clf, input_path, stream, kind, batch_size, read_options) -> int:
+    from .data import detect_format, input_options, iter_examples
+
+    options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
+    for key in ("label_column", "label_columns", "label_delimiter", "label_names"):
+        options.pop(key, None)
+    rows = _Rows(stream, kind, WHERE[options["format"] or detect_format(input_path)], clf.labels)
+    count = 0
+    wheres, texts, pairs = [], [], []
+
+    def flush():
+        nonlocal count
+        probs = clf.predict_features(clf.encode(texts, pairs if any(p is not None for p in pairs) else None),
+                                     batch_size=batch_size)
+        for where, label, row in zip(wheres, clf.decide(probs), probs):
+            rows.write(where, label, row)
+        stream.flush()
+        count += len(texts)
+        for held in (wheres, texts, pairs):
+            held.clear()
+
+    for where, text, pair, _ in iter_examples(input_path, **options):
+        wheres.append(where)
+        texts.append(text)
+        pairs.append(pair)
+        if len(texts) >= CHUNK:
+            flush()
+    if texts:
+        flush()
     return count
