@@ -422,6 +422,18 @@ def test_stratified_split_multilabel_by_first_label():
 # Bad input: one precise DataError each
 
 
+def test_carriage_return_line_endings_are_named(tmp_path):
+    """Classic Mac OS line endings: a message a user can act on, not Python's csv hint about
+    "universal-newline mode" (issue 26, item 4); CRLF files read as usual."""
+    for name in ("d.csv", "d.tsv"):
+        sep = "," if name.endswith("csv") else "\t"
+        path = write(tmp_path / name, f"text{sep}label\rgood film{sep}pos\rbad film{sep}neg\r")
+        msg = error([f"{path}: its lines end in a carriage return alone", f"tr '\\r' '\\n' < {path}"], path)
+        assert "universal-newline" not in msg
+    crlf = write(tmp_path / "w.csv", "text,label\r\ngood film,pos\r\nbad film,neg\r\n")
+    assert read_examples(crlf).texts == ["good film", "bad film"]
+
+
 def test_missing_column_suggests_close_names(tmp_path):
     path = write(tmp_path / "d.csv", "sentence,label\na,1\n")
     msg = error(["d.csv", "no column 'lable'", "Did you mean 'label'", "'sentence', 'label'"], path,

@@ -172,6 +172,10 @@ def _lines(path, encoding):
         # (Splitting on b"\n" first is right for UTF-8 and the single-byte encodings, not for UTF-16.)
         try:
             for number, raw in enumerate(f, 1):
+                if number == 1 and b"\r" in raw.rstrip(b"\r\n"):
+                    raise DataError(f"{path}: its lines end in a carriage return alone (classic Mac OS), which "
+                                    "this reader does not split on: convert them to newlines, e.g. "
+                                    f"tr '\\r' '\\n' < {path} > fixed{Path(str(path)).suffix}")
                 line = _decode(raw, encoding, f"{path}, line {number}")
                 yield number, line.removeprefix("\ufeff") if number == 1 else line  # UTF-8 BOM (MRPC, Excel)
         except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt gzip stream
