@@ -276,6 +276,19 @@ def test_wrong_types_in_a_config_file_and_a_file_as_out_exit_2(capsys, tmp_path,
     assert taken.read_text() == "mine"
 
 
+def test_tensorflow_start_up_lines_are_not_shown(tmp_path):
+    """A CPU machine's TensorFlow start-up lines (absl's INFO lines, oneDNN, no CUDA driver, cuInit) are
+    kept off the terminal: an error is the one line the user sees (issue 27, item 5)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "bertfit.cli", "predict", str(tmp_path / "nothing"), "a text"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == f"bertfit: error: {tmp_path / 'nothing'}: no such run folder\n", done.stderr
+
+
 def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch):
     """No --output: answers on stdout; --input - reads stdin (its format sniffed, or --format); a .csv
     output (or --output-format csv) is CSV with a probability column per label (issue 27, item 3)."""

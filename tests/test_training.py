@@ -36,8 +36,9 @@ def test_binary_run_folder_and_reload(tiny_model, binary_files, tmp_path):
                 "pr_auc", "confusion_matrix", "per_class"):
         assert key in m
     assert len(m["history"]) == 3 and m["split"] == "validation"
-    for name in ("config.yaml", "weights.safetensors", "vocab.txt", "report.html", "run.json", "checkpoints/last.npz"):
+    for name in ("config.yaml", "weights.safetensors", "vocab.txt", "report.html", "run.json", "source.json"):
         assert (out / name).exists(), name
+    assert not (out / "checkpoints").exists()  # a complete run needs them no more (--keep-checkpoints keeps them)
     assert json.loads((out / "run.json").read_text())["state"] == "complete"
     # TensorBoard: Keras's layout, the training and validation loss under one tag (overlaid), the
     # validation metrics, and the smoothed per-step loss.
@@ -500,8 +501,9 @@ def test_resume_messages(tiny_model, binary_files, tmp_path, capsys):
     data.write_bytes(open(train, "rb").read())
     run = tmp_path / "run"
     assert main(["train", str(data), "--validation", dev, "--model", tiny_model, "--out", str(run), "--epochs", "1",
-                 "--max-length", "32", "--no-export"]) == 0
+                 "--max-length", "32", "--no-export", "--keep-checkpoints"]) == 0
     capsys.readouterr()
+    assert (run / "checkpoints" / "last.npz").exists() and (run / "checkpoints" / "best.npz").exists()
     (run / "run.json").write_text('{"state": "training"}')  # as if it had been stopped in its last step
 
     assert main(["train", "--out", str(run), "--resume", "--learning-rate", "3e-5", "--epochs", "1"]) == 2

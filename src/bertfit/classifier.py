@@ -6,7 +6,7 @@ Run folder contract (what `save` writes and `load` reads; nothing else is needed
     vocab.txt            WordPiece vocabulary
     run.json             {"state": "complete", ...}: written last, so a killed run never looks complete
 Training adds source.json (data files and command line, for --resume), metrics.json, report.html,
-logs/ (TensorBoard), checkpoints/ and saved_model/.
+logs/ (TensorBoard), checkpoints/ (while incomplete, or with keep_checkpoints) and saved_model/.
 """
 
 from __future__ import annotations

@@ -14,7 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+_USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# What TensorFlow's native libraries print at start-up on every CPU machine, whatever the log level
+# (absl's INFO lines come before TF's own logging is set up; cuInit's failure is an ERROR line).
+_START_UP_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                   "Could not find cuda drivers", "failed call to cuInit", "cpu_feature_guard.cc",
+                   "To enable the following instructions", "rebuild TensorFlow with the appropriate compiler",
+                   "Unable to register cuDNN factory", "Unable to register cuFFT factory",
+                   "Unable to register cuBLAS factory", "computation placer already registered",
+                   "TF-TRT Warning")
 
 from . import __version__  # noqa: E402
 from .config import DataConfig, TrainConfig  # noqa: E402
@@ -63,6 +72,8 @@ TRAIN_HELP = {
     "mixed_precision": "bf16 or fp16 compute (for accelerators)",
     "jit": "XLA-compile the training step",
     "export": "write saved_model/ (raw strings in) after training",
+    "keep_checkpoints": "keep checkpoints/ (the last state with Adam's moments, and the best weights: about 4x "
+                        "the weights) once the run is complete; by default they go then: --resume no longer needs them",
 }
 
 
@@ -392,8 +403,37 @@ def main(argv=None):
         config.COMMAND_LINE = previous
 
 
+def _load_tensorflow_quietly():
+    """Import TensorFlow (and find its devices) with the native start-up lines kept off the terminal;
+    any other line they print is passed on. TF_CPP_MIN_LOG_LEVEL set to 0 or 1 shows everything."""
+    if _USER_TF_LOG_LEVEL in ("0", "1") or "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow as tf
+            import tensorflow_text  # noqa: F401  (its libraries print the same lines again)
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+    sys.stderr.write("".join(line for line in lines if not any(noise in line for noise in _START_UP_NOISE)))
+
+
 def _main(argv):
     args = parse(build_parser(), argv)
+    if getattr(args, "jit", False) and args.command in ("predict", "evaluate"):
+        from .classifier import keep_xla_programs
+
+        keep_xla_programs()  # before TensorFlow starts: it reads TF_XLA_FLAGS once
+    _load_tensorflow_quietly()
     args.argv = argv
     try:
         args.func(args)

@@ -208,6 +208,7 @@ class TrainConfig:
     mixed_precision: str | None = None       # None|bf16|fp16
     jit: bool = False                        # XLA-compile the training step
     export: bool = True                      # write saved_model/ after training
+    keep_checkpoints: bool = False           # keep checkpoints/ once the run is complete
 
     def __post_init__(self):
         checks = [

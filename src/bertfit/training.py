@@ -635,6 +635,9 @@ def fine_tune(train=None, validation=None, test=None, *, text=None, pair=None, l
 options_in_signature(fine_tune)
 
 
+RESUME_MAY_CHANGE = ("export", "keep_checkpoints", "eval_batch_size")
+
+
 def _is_complete(out: Path) -> bool:
     try:
         return json.loads((out / "run.json").read_text()).get("state") == "complete"
@@ -679,8 +682,10 @@ def _resolve_options(train, text, pair, label, model, resumed, config_file, opti
     saved = yaml.safe_load((resumed / "config.yaml").read_text()) if (resumed / "config.yaml").exists() else None
     if saved is None:
         raise BertfitError(f"{resumed}: nothing to resume (no config.yaml from an earlier `bertfit train`)")
-    check_options(resumed, saved["data"], saved["train"], flat)  # a resumed run keeps its own options
-    return DataConfig.from_dict(saved["data"]), TrainConfig.from_dict(saved["train"])
+    # A resumed run keeps its own options, except those that do not change what it learns.
+    outcome_free = {k: flat.pop(k) for k in RESUME_MAY_CHANGE if k in flat}
+    check_options(resumed, saved["data"], saved["train"], flat)
+    return DataConfig.from_dict(saved["data"]), TrainConfig.from_dict({**saved["train"], **outcome_free})
 
 
 def _read_and_tokenize(train, validation, test, data_config, config, strategy, out, log) -> SimpleNamespace:
@@ -888,6 +893,8 @@ class Run:
                 export_saved_model(clf, out / "saved_model")
             clf.save(out, extra_state={"best_epoch": state["best_epoch"], "train_seconds": seconds})
             self.writer.close()
+            if not self.config.keep_checkpoints:  # complete: nothing will resume from them
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         clf.run_dir = out
         return clf
 

@@ -63,7 +63,7 @@ DEFAULT_SEARCH_SPACE = {
 DEFAULT_PRUNER = {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 2}
 # f1_positive: F1 of the positive class of a binary task (the second label in sorted order, as for roc_auc).
 TUNE_METRICS = tuple(METRICS) + (() if "f1_positive" in METRICS else ("f1_positive",))
-NOT_TUNABLE = {"metric", "strategy", "export", "checkpoint_every"}
+NOT_TUNABLE = {"metric", "strategy", "export", "checkpoint_every", "keep_checkpoints"}
 RUN_FILES = ("run.json", "config.yaml", "weights.safetensors", "vocab.txt", "metrics.json", "report.html", "logs",
              "checkpoints", "saved_model")
 MARKER = ".bertfit-tune"
