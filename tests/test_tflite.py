@@ -77,6 +77,21 @@ def test_float_model_equals_keras_model(exported, clf):
     np.testing.assert_allclose(run_tflite(exported[None], TEXTS[:1])["probabilities"], want[:1], atol=1e-4)
 
 
+def test_readme_usage_runs_as_written(exported, clf, capsys):
+    """The README's TFLite snippet, with RUN/ pointing at this run (issue 27, item 5)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"<!-- tflite-usage .*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    scope = {}
+    exec(code.replace('"RUN/', f'"{exported[None].parent}/'), scope)
+    want = clf.predict_proba(["a gripping, beautifully shot film", "a dull one"])
+    np.testing.assert_allclose(scope["out"]["probabilities"], want, atol=1e-4)
+    assert [x.decode() for x in scope["out"]["label"]] == [LABELS[i] for i in want.argmax(1)]
+    assert "[[" in capsys.readouterr().out
+
+
 def test_int8_model_is_close_and_its_weights_4x_smaller(exported, clf):
     want = clf.predict_proba(TEXTS)
     got = run_tflite(exported["int8"], TEXTS)["probabilities"]
