@@ -289,6 +289,24 @@ def test_tensorflow_start_up_lines_are_not_shown(tmp_path):
     assert done.stderr == f"bertfit: error: {tmp_path / 'nothing'}: no such run folder\n", done.stderr
 
 
+def test_bad_columns_fail_before_tensorflow_loads(tmp_path, files):
+    """A wrong column (or format, or encoding) in the training or validation file is found on its first
+    row, before TensorFlow is imported (7-13 s before; issue 27, item 5); no run folder is made."""
+    import subprocess
+    import sys
+
+    for extra in (["--text-column", "sentense"], ["--validation", str(files / "empty.tsv")]):
+        code = ("import sys; from bertfit.cli import main; "
+                f"code = main({['train', str(files / 'ok.tsv'), '--out', str(tmp_path / 'r'), *extra]!r}); "
+                "print(code, 'tensorflow' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+        assert done.stderr.startswith("bertfit: error: ") and not (tmp_path / "r").exists()
+    assert "Did you mean 'sentence'" in subprocess.run(
+        [sys.executable, "-m", "bertfit.cli", "train", str(files / "ok.tsv"), "--text-column", "sentense",
+         "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300).stderr
+
+
 def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch):
     """No --output: answers on stdout; --input - reads stdin (its format sniffed, or --format); a .csv
     output (or --output-format csv) is CSV with a probability column per label (issue 27, item 3)."""

@@ -134,8 +134,6 @@ JIT_INFERENCE_HELP = ("XLA-compile the model, once per batch shape (lengths padd
 def cmd_train(args):
     from .training import fine_tune
 
-    if args.data is None and not args.resume:
-        raise BertfitError("train needs DATA, the training data file or folder (only --resume may leave it out)")
     options = {**options_from(args, dataclasses.fields(DataConfig)), **options_from(args, dataclasses.fields(TrainConfig))}
     clf = fine_tune(args.data, args.validation, args.test, out=args.out, overwrite=args.overwrite, resume=args.resume,
                     config_file=args.config, log=lambda m: print(m, file=sys.stderr), command=["bertfit", *args.argv],
@@ -433,9 +431,11 @@ def _main(argv):
         from .classifier import keep_xla_programs
 
         keep_xla_programs()  # before TensorFlow starts: it reads TF_XLA_FLAGS once
-    _load_tensorflow_quietly()
     args.argv = argv
     try:
+        if args.command == "train":
+            _check_train_data(args)
+        _load_tensorflow_quietly()
         args.func(args)
     except BertfitError as e:
         print(f"bertfit: error: {e}", file=sys.stderr)
@@ -444,6 +444,24 @@ def _main(argv):
         print(f"bertfit: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_train_data(args):
+    """Read the first row of the training (and validation) file before TensorFlow loads (seconds): a
+    wrong column, format or encoding at the start fails at once. The full read checks the rest."""
+    from .config import load_config_file
+    from .data import iter_examples
+
+    if args.data is None and not args.resume:
+        raise BertfitError("train needs DATA, the training data file or folder (only --resume may leave it out)")
+    if args.resume:
+        return
+    options = {k: v for k, v in (load_config_file(args.config) if args.config else {}).items()
+               if k in {f.name for f in dataclasses.fields(DataConfig)}}
+    options.update(options_from(args, dataclasses.fields(DataConfig)))
+    for source in (args.data, args.validation, args.test):
+        if source is not None and Path(source).is_file():
+            next(iter(iter_examples(source, **options, limit=1)), None)
 
 
 def _resume_hint(args) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -254,3 +255,27 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         raise ConfigError(f"unknown option(s): {', '.join(hints)}")
     return ({k: v for k, v in options.items() if k in data_keys},
             {k: v for k, v in options.items() if k in train_keys})
+
+
+def load_config_file(path) -> dict:
+    """A YAML file of flat option names (or `data:`/`train:` sections of them)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    flat = {}
+    for key, value in loaded.items():
+        if key in ("data", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key.replace("-", "_")] = value
+    for cls in (DataConfig, TrainConfig):
+        check_types(cls, flat, where=f"{path}: ")
+    return flat

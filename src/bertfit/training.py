@@ -23,7 +23,8 @@ import numpy as np
 
 from . import features as feats
 from .classifier import Classifier, dump_yaml, write_atomic
-from .config import DataConfig, TrainConfig, check_types, option, options_in_signature, split_options
+from .config import (DataConfig, TrainConfig, check_types, load_config_file, option,  # noqa: F401
+                     options_in_signature, split_options)
 from .errors import BertfitError, ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -897,27 +898,3 @@ class Run:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         clf.run_dir = out
         return clf
-
-
-def load_config_file(path) -> dict:
-    """A YAML file of flat option names (or `data:`/`train:` sections of them)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
-    flat = {}
-    for key, value in loaded.items():
-        if key in ("data", "train") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key.replace("-", "_")] = value
-    for cls in (DataConfig, TrainConfig):
-        check_types(cls, flat, where=f"{path}: ")
-    return flat
