@@ -400,6 +400,22 @@ def test_early_stopping(tiny_model, binary_files):
     assert len(clf.metrics["history"]) == 2  # epoch 2 did not beat epoch 1
 
 
+def test_training_warns_when_the_model_predicts_one_class(tiny_model, binary_files, tmp_path):
+    """Issue 27 item 4: identical texts under two labels (9 to 1) cannot be told apart, so the model
+    answers one class for all of them; the run says so in its log and in metrics.json."""
+    messages = []
+    rows = [("the same message", "ham" if i % 10 else "spam") for i in range(60)]
+    train = write_tsv(tmp_path / "same.tsv", ["text", "label"], rows)
+    clf = bertfit.fine_tune(train, model=tiny_model, log=messages.append, validation_split=0.5,
+                            **dict(FAST, epochs=1))
+    warning = next(m for m in messages if m.startswith("warning:"))
+    assert "the model predicts 'ham' for every validation example" in warning and "class_weight='balanced'" in warning
+    assert clf.metrics["warnings"] == [warning.removeprefix("warning: ")]
+    # A model that tells the classes apart gets no such warning.
+    good = bertfit.fine_tune(*binary_files, model=tiny_model, log=lambda m: None, **FAST)
+    assert good.metrics["accuracy"] >= 0.9 and good.metrics["warnings"] == []
+
+
 def _train_cmd(train, dev, tiny_model, out):
     return [sys.executable, "-m", "bertfit.cli", "train", train, "--validation", dev, "--model", tiny_model,
             "--out", str(out), "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-3", "--max-length", "32",

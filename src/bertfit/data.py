@@ -556,6 +556,10 @@ def _text(value, where, column, encoding) -> str:
         value = _decode(value, encoding, where, "value")
     if isinstance(value, list):
         raise DataError(f"{where}: column {column!r} holds {len(value)} values; a text must be one string")
+    if isinstance(value, (bool, int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        # A typed format (Parquet, JSON, TFRecord, a DataFrame) says this column holds numbers, not texts.
+        raise DataError(f"{where}: column {column!r} holds a number ({value!r}), not a text: is it the text "
+                        f"column? (pass {opt('text_column')})")
     text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
     if not text.strip():
         raise DataError(f"{where}: empty or missing text in column {column!r}")
@@ -783,6 +787,63 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
         else:
             label = None
         yield number, text, pair, label
+
+
+def peek_columns(path, *, format=None, header=None, quoting=None, encoding="utf-8", rows=200) -> dict | None:
+    """The columns of a data file or table and their first `rows` values, for `bertfit inspect` to show
+    and guess from: {"names": [...], "header": bool, "values": {name: [value, ...]}, "types": {name: str}}.
+    A headerless CSV/TSV's columns are named by their 0-based index ("0", "1", ...). None for a folder,
+    whose layout fixes text and label."""
+    if is_dataset(path):
+        spec, batched = _dataset_columns(path, _table_name(path))
+        sample = [row for _, row in islice(_dataset_rows(path, batched, list(spec)), rows)]
+        names, header = list(spec), True
+    elif is_table(path):
+        names, _, table_rows = _memory_rows(path, _table_name(path))
+        sample, header = [row for _, row in islice(table_rows, rows)], True
+    else:
+        format = format or detect_format(path)
+        if format == "folder":
+            return None
+        if format == "parquet":
+            parquet = _parquet_file(path)
+            names = parquet.schema_arrow.names
+            sample = [row for _, row in islice(_parquet_rows(parquet, names), rows)]
+            types = {name: str(parquet.schema_arrow.field(name).type) for name in names}
+            return {"names": names, "header": True, "values": {n: [r[n] for r in sample] for n in names},
+                    "types": types}
+        if format in ("jsonl", "tfrecord"):
+            reader = _json_rows(path, encoding) if format == "jsonl" else _tfrecord_rows(path)
+            sample = [row for _, row in islice(reader, rows)]
+            names, header = list(dict.fromkeys(key for row in sample for key in row)), True
+        else:
+            quoted = (quoting or ("csv" if format == "csv" else "none")) == "csv"
+            fields = [row for _, row in islice(_table_rows(path, "," if format == "csv" else "\t", quoted, encoding),
+                                               rows + 1)]
+            if not fields:
+                raise DataError(f"{path}: the file is empty")
+            header = _looks_like_header(fields) if header is None else header
+            names = fields[0] if header else [str(i) for i in range(len(fields[0]))]
+            sample = [dict(zip(names, row)) for row in (fields[1:] if header else fields[:rows])]
+    if not sample:
+        raise DataError(f"{_table_name(path) if is_table(path) else path}: no rows in it")
+    values = {name: [row.get(name) for row in sample] for name in names}
+    types = {name: "/".join(sorted({type(v).__name__ for v in vs if v is not None})) or "null"
+             for name, vs in values.items()}
+    return {"names": names, "header": header, "values": values, "types": types}
+
+
+def _looks_like_header(fields) -> bool:
+    """Whether a CSV/TSV file's first row names its columns: every cell a short name, distinct, not a
+    number, where some later row holds a cell that is no name (a sentence, a number, an empty cell)."""
+    def name_like(cell):
+        return bool(re.fullmatch(r"[^\d\s][^\t]{0,39}", cell.strip())) and cell.count(" ") <= 3
+
+    first = fields[0]
+    if _has_header(first, [], [], None, None):  # 'text', 'sentence' or 'label' among them
+        return True
+    return (all(name_like(c) for c in first) and len(set(first)) == len(first)
+            and any(not name_like(c) for row in fields[1:] for c in row))
 
 
 def read_examples(

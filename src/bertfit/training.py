@@ -555,6 +555,20 @@ def resolve_metric(config: TrainConfig, multilabel: bool) -> str:
     return "f1_macro" if multilabel else "accuracy"
 
 
+def single_class_warnings(y, probs, names, multilabel) -> list[str]:
+    """A warning when the model answers one class for every validation example of several classes: it
+    has learned the labels' balance, not the task, whatever its accuracy says."""
+    if multilabel or len(np.unique(y)) < 2:
+        return []
+    predicted = np.unique(np.argmax(probs, axis=1))
+    if len(predicted) > 1:
+        return []
+    return [f"the model predicts {names[predicted[0]]!r} for every validation example: it has learned how "
+            f"often each label occurs, not how to tell them apart. Train with {option('class_weight', 'balanced')} "
+            f"and {option('metric', 'f1_macro')}, more epochs or another {option('learning_rate')}; check "
+            "the labels with bertfit inspect"]
+
+
 def prepare_out(out: Path, overwrite: bool, resume: bool):
     """Refuse to clobber anything unless asked; never delete a folder bertfit did not make."""
     if out.exists() and not out.is_dir():
@@ -879,9 +893,13 @@ class Run:
             results["test"] = classification_metrics(y, probs, d.vocab.names, multilabel=multilabel,
                                                      thresholds=clf.thresholds)
         seconds = round(self.train_seconds, 1)
+        warnings = single_class_warnings(d.y_val, val_probs, d.vocab.names, multilabel)
+        for warning in warnings:
+            self.log(f"warning: {warning}")
         clf.metrics = {**results[split], "split": split, "splits": results, "history": state["history"],
                        "best_epoch": state["best_epoch"], "train_seconds": seconds,
-                       "train_tokens": state.get("train_tokens", 0), "train_examples": len(d.kept)}
+                       "train_tokens": state.get("train_tokens", 0), "train_examples": len(d.kept),
+                       "warnings": warnings}
         if out is not None:
             write_atomic(out / "metrics.json", json.dumps(clf.metrics, indent=2))
             write_report(out / "report.html", metrics=results[split], label_names=d.vocab.names, y_true=y,
