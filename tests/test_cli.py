@@ -213,6 +213,11 @@ def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     assert code == 0 and report["rows"] == 40 and report["labels"] == {"pos": 20, "neg": 20}
     assert report["truncated_share"] == 1.0  # every text has 7 words + [CLS]/[SEP] > 8
 
+    code, stdout, _ = run(capsys, "export", out, "--format", "hf")
+    assert code == 0 and stdout.strip() == f"wrote {out / 'hf'}" and (out / "hf" / "model.safetensors").exists()
+    code, _, err = run(capsys, "export", out, "--format", "hf")  # never over what is there
+    assert code == 2 and "already exists" in err
+
 
 def test_help_says_each_default_once_and_helps_every_option():
     """Every option of every verb has help; a default is said once, never as "(default: None)"

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,95 @@ def test_window_runs_average_windows_inside_the_saved_model(trained, tmp_path):
     truncated = dataclasses.replace(clf.train_config, long_text="truncate")
     clf.train_config = truncated
     assert np.abs(clf.predict_proba(texts)[4:] - want[4:]).max() > 1e-4
+
+
+# --- export --format hf (issue 27, item 6) -------------------------------------------------
+
+BENCH_PYTHON = Path(__file__).resolve().parents[1] / ".venv-bench" / "bin" / "python"
+
+# Runs in the benchmarks' environment (PyTorch and transformers, which the project does not install).
+HF_LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder, texts, pairs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    config = model.config
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=config.bertfit_max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    multilabel = config.problem_type == "multi_label_classification"
+    probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, -1)
+    print(json.dumps({"probabilities": probs.tolist(), "labels": [config.id2label[i] for i in range(len(config.id2label))],
+                      "class": type(model).__name__, "ids": batch["input_ids"][0].tolist()}))
+""")
+
+
+def test_export_hf_writes_a_bert_for_sequence_classification_folder(tiny_model, trained, tmp_path):
+    from safetensors.numpy import load_file
+
+    from bertfit.checkpoints import read_checkpoint
+    from bertfit.errors import BertfitError
+    from bertfit.export import export
+
+    train = write_tsv(tmp_path / "train.tsv", ["text", "label"], sentiment_rows(60, seed=3, classes=3))
+    clf = bertfit.fine_tune(train, model=tiny_model, epochs=1, batch_size=16, learning_rate=1e-2, max_length=32,
+                            export=False, log=lambda m: None)
+    folder = export(clf, tmp_path / "run", format="hf")
+    assert folder == tmp_path / "run" / "hf"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {str(i): name for i, name in enumerate(clf.labels)}
+    assert config["problem_type"] == "single_label_classification" and config["bertfit_max_length"] == 32
+    tensors = load_file(str(folder / "model.safetensors"))
+    # PyTorch's layout: Linear weights are (out, in), so the head is (labels, hidden).
+    assert tensors["classifier.weight"].shape == (3, clf.encoder_config.hidden_size)
+    np.testing.assert_array_equal(tensors["classifier.weight"], clf.weights()["classifier/kernel"].T)
+    assert "bert.pooler.dense.weight" in tensors and "bert.embeddings.word_embeddings.weight" in tensors
+    assert (folder / "vocab.txt").read_text().split("\n")[:len(clf.tokenizer.vocab)] == list(clf.tokenizer.vocab)
+    # bertfit reads the folder back as a checkpoint: the same encoder and head.
+    encoder_config, weights, _, lower_case, meta = read_checkpoint(str(folder))
+    for name, value in clf.weights().items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+    assert lower_case is True and meta["labels"] == clf.labels
+    # Nothing is overwritten; a mean-pooled run cannot be expressed; nothing half-written is left.
+    with pytest.raises(BertfitError, match="already exists"):
+        export(clf, tmp_path / "run", format="hf")
+    with pytest.raises(BertfitError, match="pooling"):
+        export(trained[0], tmp_path / "mean", format="hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.tsv"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BENCH_PYTHON.exists(), reason="needs .venv-bench (bash bench/setup_anchors.sh): PyTorch and "
+                    "transformers, which the project does not install")
+@pytest.mark.parametrize("task", ["single", "pairs", "multilabel"])
+def test_transformers_loads_the_hf_export_with_the_same_predictions(task, tmp_path):
+    """The real MiniLM, fine-tuned briefly, exported and loaded by transformers: the same probabilities."""
+    rows = sentiment_rows(48, seed=4)
+    if task == "single":
+        data = {"text": [t for t, _ in rows], "label": [y for _, y in rows]}
+        texts, pairs = ["a great film", "an awful plot, truly dreadful", "ünïcödé ½ ﬁne"], None
+    elif task == "pairs":
+        data = {"text": [t for t, _ in rows], "pair": [t[::-1] for t, _ in rows], "label": [y for _, y in rows]}
+        texts, pairs = ["a great film", "an awful plot"], ["it was superb", "truly dreadful"]
+    else:
+        data = {"text": [t for t, _ in rows], "label": [[y, "long"] if len(t) > 40 else [y] for t, y in rows]}
+        texts, pairs = ["a great film", "an awful plot, truly dreadful and very long indeed"], None
+    clf = bertfit.fine_tune(data, text="text", pair="pair" if pairs else None, epochs=1, batch_size=16,
+                            max_length=24, export=False, log=lambda m: None)
+    from bertfit.export import export
+
+    folder = export(clf, tmp_path, format="hf")
+    script = tmp_path / "load.py"
+    script.write_text(HF_LOADER)
+    done = subprocess.run([str(BENCH_PYTHON), str(script), str(folder), json.dumps(texts), json.dumps(pairs)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["class"] == "BertForSequenceClassification" and got["labels"] == clf.labels
+    features = clf.encode(texts[:1], pairs[:1] if pairs else None)  # the longest text is padded by neither
+    assert got["ids"][:features.offsets[1]] == features.ids[:features.offsets[1]].tolist()
+    np.testing.assert_allclose(np.array(got["probabilities"]), clf.predict_proba(texts, pairs), atol=1e-4)

@@ -376,6 +376,14 @@ def test_multilabel_biases_start_at_label_log_odds(tiny_model, tmp_path):
     counts = {"a": 30, "b": 10, "c": 10}
     want = [math.log((counts[n] + 0.5) / (40 - counts[n] + 0.5)) for n in clf.labels]
     np.testing.assert_allclose(clf.model.classifier.bias.numpy(), want, atol=1e-5)
+    # The same labels as JSON lists make a multi-label run without label_delimiter (it was a traceback).
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "labels": y.split(",")}) + "\n" for t, y in rows))
+    listed = bertfit.fine_tune(jsonl, {"text": ["good", "bad", "film"], "labels": [["a", "b"], ["c"], ["a"]]},
+                               label="labels", model=tiny_model, log=lambda m: None,
+                               **dict(FAST, epochs=1, learning_rate=1e-12))
+    assert listed.multilabel and listed.labels == clf.labels and len(listed.thresholds) == 3
+    np.testing.assert_allclose(listed.model.classifier.bias.numpy(), want, atol=1e-5)
 
 
 def test_long_text_windows(tiny_model, tmp_path):

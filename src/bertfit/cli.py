@@ -314,13 +314,14 @@ def build_parser():
     add_data_flags(r, with_label=False)
     r.set_defaults(func=cmd_predict)
 
-    x = sub.add_parser("export", help="write a SavedModel (raw strings in) or a TFLite model from a run",
-                       formatter_class=HelpFormatter)
+    x = sub.add_parser("export", help="write a SavedModel (raw strings in), a TFLite model or a Hugging Face "
+                       "folder from a run", formatter_class=HelpFormatter)
     x.add_argument("run", help="run folder written by bertfit train")
-    x.add_argument("--format", choices=["saved_model", "tflite"], default="saved_model",
-                   help="SavedModel (raw strings in, probabilities out) or a TFLite file")
+    x.add_argument("--format", choices=["saved_model", "tflite", "hf"], default="saved_model",
+                   help="SavedModel (raw strings in, probabilities out), a TFLite file, or a Hugging Face folder "
+                        "(BertForSequenceClassification, safetensors) for transformers")
     x.add_argument("--quantize", choices=["int8"], default=None, help="TFLite dynamic-range int8 weights")
-    x.add_argument("--out", help="where to write (default: RUN/saved_model or RUN/model[.int8].tflite)")
+    x.add_argument("--out", help="where to write (default: RUN/saved_model, RUN/model[.int8].tflite or RUN/hf)")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="serve a run over HTTP with TF Serving's REST API",

@@ -98,7 +98,7 @@ def export_saved_model(clf, directory, pairs: bool | None = None) -> Path:
 
 # --- export(): one entry point for `bertfit export` -----------------------------------------
 
-FORMATS = ("saved_model", "tflite")
+FORMATS = ("saved_model", "tflite", "hf")
 
 
 def export(clf, run_dir, format: str = "saved_model", quantize: str | None = None, out=None) -> Path:
@@ -115,8 +115,56 @@ def export(clf, run_dir, format: str = "saved_model", quantize: str | None = Non
         if quantize:
             raise BertfitError("--quantize applies to --format tflite only")
         return export_saved_model(clf, Path(out) if out else run_dir / "saved_model")
+    if format == "hf":
+        if quantize:
+            raise BertfitError("--quantize applies to --format tflite only")
+        return export_huggingface(clf, Path(out) if out else run_dir / "hf")
     path = Path(out) if out else run_dir / ("model.int8.tflite" if quantize else "model.tflite")
     return export_tflite(clf, path, quantize=quantize)
+
+
+def export_huggingface(clf, directory) -> Path:
+    """A Hugging Face folder that `transformers.AutoModelForSequenceClassification` and
+    `AutoTokenizer` load: config.json (BertForSequenceClassification, id2label, problem_type),
+    model.safetensors in PyTorch's key layout, vocab.txt and tokenizer_config.json.
+
+    transformers' class reads BERT's pooler on [CLS], so a run trained with pooling "mean" is refused.
+    What it does not carry: a multi-label run's per-label thresholds (kept in config.json as
+    `bertfit_thresholds`; transformers' pipeline uses 0.5), the run's max_length and truncation
+    (`bertfit_max_length`, `bertfit_truncation`; pass them to the tokenizer), and long_text="window".
+    Written into a temporary folder beside the target and renamed, so nothing half-written is left.
+    """
+    from .checkpoints import write_huggingface
+    from .checkpoints._common import read_json, write_json
+    from .config import option
+    from .errors import BertfitError
+
+    c = clf.train_config
+    if c.pooling != "cls":
+        raise BertfitError(f"this run was trained with {option('pooling', c.pooling)}; transformers' "
+                           "BertForSequenceClassification reads the pooler on [CLS] (pooling cls) and cannot express it")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise BertfitError(f"{directory}: already exists; remove it or pass another {option('out')}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_huggingface(tmp, clf.encoder_config, clf.weights(), clf.tokenizer.vocab, clf.tokenizer.lower_case,
+                          layout="BertForSequenceClassification", labels=clf.labels)
+        config = read_json(tmp / "config.json")
+        config.update(problem_type="multi_label_classification" if clf.multilabel else "single_label_classification",
+                      bertfit_max_length=c.max_length, bertfit_truncation=c.truncation)
+        if clf.multilabel:
+            config["bertfit_thresholds"] = [float(t) for t in (clf.thresholds if clf.thresholds is not None
+                                                               else [0.5] * len(clf.labels))]
+        write_json(tmp / "config.json", config)
+        if directory.exists():
+            directory.rmdir()  # empty (checked above)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
 
 
 # --- TFLite -------------------------------------------------------------------------------

@@ -719,7 +719,6 @@ def _read_and_tokenize(train, validation, test, data_config, config, strategy, o
 
     if config.class_weight and data_config.multilabel:
         raise ConfigError(f"{option('class_weight', 'balanced')} is for single-label tasks")
-    metric = resolve_metric(config, data_config.multilabel)
     val_ex, test_ex = read(validation), read(test)
     with strategy.scope(), dtype_policy(config.mixed_precision):
         pretrained = load_pretrained(config.model, lower_case=config.lower_case)
@@ -741,7 +740,11 @@ def _read_and_tokenize(train, validation, test, data_config, config, strategy, o
     else:
         train_labels, train_source = train_ex.labels, train_ex.source
         train_f = feats.encode(pretrained.tokenizer, train_ex.texts, train_ex.pairs, **encode_options)
+    # Multi-label by the options, or by the labels themselves (JSON lists, lists in memory).
     vocab = LabelVocab.from_labels(train_labels, multilabel=data_config.multilabel, source=train_source)
+    if config.class_weight and vocab.multilabel:
+        raise ConfigError(f"{option('class_weight', 'balanced')} is for single-label tasks")
+    metric = resolve_metric(config, vocab.multilabel)
     y_all = vocab.encode(train_labels, source=train_source)
     kept = np.arange(train_f.num_examples)
     if val_ex is None:
@@ -775,12 +778,12 @@ def _classifier(data, data_config, config, strategy) -> Classifier:
                 layer.rate = config.dropout
         net = BertClassifier(encoder, len(data.vocab.names), dropout=config.dropout, pooling=config.pooling)
         net(dummy_inputs())
-        if data_config.multilabel:
+        if data.vocab.multilabel:
             # Each label's bias starts at its log-odds in the training data. From 0 (p = 0.5), Adam moves a
             # bias about one learning rate per step: at 5e-5 a rare label (p = 0.02, log-odds -3.9) would
             # need ~80k steps, so the encoder spends the run pushing every logit down instead.
             net.classifier.bias.assign(label_log_odds(data.y_train))
-    return Classifier(net, data.pretrained.tokenizer, data.vocab.names, multilabel=data_config.multilabel,
+    return Classifier(net, data.pretrained.tokenizer, data.vocab.names, multilabel=data.vocab.multilabel,
                       train_config=config, data_config=data_config)
 
 
@@ -832,7 +835,7 @@ class Run:
         as the final model's are (at 0.5, a multi-label model's early epochs score F1 near 0)."""
         from .evaluation import choose_thresholds, classification_metrics
 
-        d, multilabel = self.data, self.data_config.multilabel
+        d, multilabel = self.data, self.clf.multilabel
         probs = self.clf.predict_features(d.val_f)
         thresholds = choose_thresholds(d.y_val, probs) if multilabel else None
         m = classification_metrics(d.y_val, probs, d.vocab.names, multilabel=multilabel, thresholds=thresholds)
@@ -847,7 +850,7 @@ class Run:
     def train(self, callbacks=None):
         """model.fit over the epochs left; a run resumed mid-epoch first finishes that epoch alone."""
         config, d, state = self.config, self.data, self.state
-        row_labels = d.y_all[d.train_f.example_index].astype("float32" if self.data_config.multilabel else "int32")
+        row_labels = d.y_all[d.train_f.example_index].astype("float32" if self.clf.multilabel else "int32")
         class_weights = balanced_class_weights(d.y_train, len(d.vocab.names)) if config.class_weight else None
         row_weights = (class_weights[row_labels] if class_weights is not None
                        else np.ones(len(row_labels))).astype("float32")
@@ -883,7 +886,7 @@ class Run:
         """The final metrics (on the test data if given, else validation), and the finished run folder."""
         from .evaluation import classification_metrics, write_report
 
-        clf, d, state, out, multilabel = self.clf, self.data, self.state, self.out, self.data_config.multilabel
+        clf, d, state, out, multilabel = self.clf, self.data, self.state, self.out, self.clf.multilabel
         val_metrics, val_probs, clf.thresholds = self.evaluate()
         results = {"validation": val_metrics}
         split, y, probs, examples = "validation", d.y_val, val_probs, d.val_ex

@@ -365,10 +365,6 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     if base.strategy == "multi-worker":
         raise ConfigError("tune runs its trials one after another in one process: instead of --strategy "
                           "multi-worker, start `bertfit tune` on each machine with the same --storage and --study")
-    if metric == "auto":
-        metric = "f1_macro" if data_config.multilabel else "accuracy"
-    if metric == "f1_positive" and data_config.multilabel:
-        raise ConfigError("metric f1_positive is for binary tasks; use f1_macro for multi-label")
     if has_space:
         space = parse_search_space(raw_space, train_opts)
     else:
@@ -383,9 +379,6 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
     epochs = space.get("epochs")
     max_epochs = base.epochs if epochs is None else int(max(epochs["choices"]) if "choices" in epochs else epochs["high"])
     pruner = make_pruner(raw_pruner, max_epochs)
-    # Epochs are picked by the tuned metric where fine_tune knows it (f1_positive: by f1_macro until it does).
-    train_metric = metric if metric in METRICS else "f1_macro"
-    direction = "minimize" if metric == "loss" else "maximize"
 
     # Read the data once; every trial trains on the same split.
     def read(source):
@@ -394,7 +387,15 @@ def tune(data, validation=None, *, trials=20, timeout=None, storage=None, study=
         return read_examples(source, **data_config.read_options())
 
     train_ex, val_ex = read(data), read(validation)
-    labels = LabelVocab.from_labels(train_ex.labels, multilabel=data_config.multilabel, source=train_ex.source).names
+    vocab = LabelVocab.from_labels(train_ex.labels, multilabel=data_config.multilabel, source=train_ex.source)
+    labels = vocab.names  # multi-label by the options or by the labels themselves (lists)
+    if metric == "auto":
+        metric = "f1_macro" if vocab.multilabel else "accuracy"
+    if metric == "f1_positive" and vocab.multilabel:
+        raise ConfigError("metric f1_positive is for binary tasks; use f1_macro for multi-label")
+    # Epochs are picked by the tuned metric where fine_tune knows it (f1_positive: by f1_macro until it does).
+    train_metric = metric if metric in METRICS else "f1_macro"
+    direction = "minimize" if metric == "loss" else "maximize"
     if metric == "f1_positive" and len(labels) != 2:
         raise ConfigError(f"metric f1_positive is for binary tasks; this one has {len(labels)} labels")
     if metric in ("roc_auc", "pr_auc") and len(labels) != 2:
