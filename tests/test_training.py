@@ -36,6 +36,8 @@ def test_binary_run_folder_and_reload(tiny_model, binary_files, tmp_path):
                 "pr_auc", "confusion_matrix", "per_class"):
         assert key in m
     assert len(m["history"]) == 3 and m["split"] == "validation"
+    assert [len(h["step_loss"]) for h in m["history"]] == [20, 20, 20]  # 320 rows in batches of 16
+    assert np.mean(m["history"][0]["step_loss"]) == pytest.approx(m["history"][0]["loss"], abs=1e-4)
     for name in ("config.yaml", "weights.safetensors", "vocab.txt", "report.html", "run.json", "source.json"):
         assert (out / name).exists(), name
     assert not (out / "checkpoints").exists()  # a complete run needs them no more (--keep-checkpoints keeps them)
@@ -473,6 +475,9 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
     # The interrupted epoch's training loss too: its running sum is in the checkpoint (issue 26, item 3).
     for before, after in zip(a["history"], b["history"], strict=True):
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-4), (a["history"], b["history"])
+        # And the report's per-step losses: the interrupted epoch's first steps come from the checkpoint.
+        assert len(after["step_loss"]) == len(before["step_loss"]) == 40
+        np.testing.assert_allclose(after["step_loss"], before["step_loss"], atol=1e-3)
 
 
 def test_resume_refuses_other_data_and_options_and_leaves_a_complete_run_alone(tiny_model, binary_files, tmp_path):

@@ -335,19 +335,6 @@ def _downsample(x, y, max_points=_MAX_CURVE_POINTS):
     return x[idx], y[idx]
 
 
-def _bucket_mean(values, max_points=500):
-    """Per-step losses averaged in equal buckets: fewer points, and less noise to read through."""
-    v = np.asarray(values, np.float64)
-    steps = np.arange(1, v.size + 1, dtype=np.float64)
-    if v.size <= max_points:
-        return steps, v
-    edges = np.linspace(0, v.size, max_points + 1).astype(int)
-    return (
-        np.array([steps[a:b].mean() for a, b in zip(edges[:-1], edges[1:])]),
-        np.array([v[a:b].mean() for a, b in zip(edges[:-1], edges[1:])]),
-    )
-
-
 def _ticks(lo, hi, count=5, integer=False):
     """Round-number ticks (1, 2, 5 x 10^k) covering [lo, hi]; whole numbers only if integer."""
     if hi <= lo:
@@ -446,68 +433,92 @@ def _num(v, digits=4) -> str:
 
 
 def _history_rows(history):
-    """A list of per-epoch dicts, from either that or Keras' History.history (dict of lists)."""
+    """Per-epoch dicts and each epoch's per-step training losses, from bertfit's history (a list of
+    per-epoch dicts, each with its "step_loss" list) or Keras' History.history (a dict of lists, with
+    an optional flat "step_loss" list over all epochs)."""
     if history is None:
         return [], []
     if isinstance(history, dict):
-        step_loss = list(history.get("step_loss") or [])
         per_epoch = {k: v for k, v in history.items() if k != "step_loss" and isinstance(v, (list, tuple))}
         n = max((len(v) for v in per_epoch.values()), default=0)
         rows = [{k: v[i] for k, v in per_epoch.items() if i < len(v)} for i in range(n)]
-        return rows, step_loss
+        flat = list(history.get("step_loss") or [])
+        if flat and n:  # spread evenly over the epochs
+            edges = np.linspace(0, len(flat), n + 1).astype(int)
+            return rows, [flat[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        return rows, [flat] if flat else []
     rows = [dict(r) for r in history]
-    step_loss = [v for r in rows for v in (r.get("step_loss") or [])]
-    return rows, step_loss
+    return rows, [list(r.get("step_loss") or []) for r in rows]
 
 
 def _is_number(v):
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
 
 
-def _curves_section(history) -> str:
-    rows, step_loss = _history_rows(history)
+_CURVE_METRICS = ("f1_macro", "accuracy")
+_MAX_STEP_POINTS = 1000  # shown beside the run's own metric, up to three series
+
+
+def _curves_section(history, metric=None) -> str:
+    """Two charts a reader can follow: the loss (training per step, training and validation per epoch)
+    and at most three metric series (the run's metric, F1 macro, accuracy), each in its own colour;
+    every per-epoch value is in the table below them."""
+    rows, step_losses = _history_rows(history)
     keys: list[str] = []
     for r in rows:
         keys += [k for k, v in r.items() if k not in ("epoch", "step", "step_loss") and k not in keys and _is_number(v)]
-    if not keys and not step_loss:
+    if not keys and not any(step_losses):
         return ""
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)] or [1]
 
-    # A train metric and its val_ twin share a color; validation is dashed.
-    bases = list(dict.fromkeys(k.removeprefix("val_") for k in keys))
-    color = {b: _PALETTE[i % len(_PALETTE)] for i, b in enumerate(bases)}
+    def per_epoch(key):
+        pts = [(e, r[key]) for e, r in zip(epochs, rows) if _is_number(r.get(key))]
+        return [a for a, _ in pts], [b for _, b in pts]
 
-    def series(selected):
-        out = []
-        for k in selected:
-            pts = [(r.get("epoch", i + 1), r[k]) for i, r in enumerate(rows) if _is_number(r.get(k))]
-            out.append(
-                {"name": k, "x": [a for a, _ in pts], "y": [b for _, b in pts],
-                 "color": color[k.removeprefix("val_")], "dash": k.startswith("val_")}
-            )
-        return out
+    def named(key):
+        base = key.removeprefix("val_")
+        return ("validation " if key.startswith("val_") else "training ") + base.replace("_", " ")
 
-    def is_lr(k):
-        return k in ("lr", "learning_rate")
-
-    groups = [
-        ("Loss per epoch", "loss", [k for k in keys if "loss" in k]),
-        ("Metrics per epoch", "value", [k for k in keys if "loss" not in k and not is_lr(k)]),
-        ("Learning rate", "learning rate", [k for k in keys if is_lr(k)]),
-    ]
-    figs = [
-        _figure(t, _line_chart(series(ks), xlabel="epoch", ylabel=yl, integer_x=True)) for t, yl, ks in groups if ks
-    ]
-    if step_loss:
-        x, y = _bucket_mean([float(v) for v in step_loss])
-        note = "" if len(step_loss) == x.size else f" (mean of every {len(step_loss) / x.size:.0f} steps)"
-        figs.append(
-            _figure(
-                "Training loss per step" + note,
-                _line_chart([{"name": "step loss", "x": x, "y": y, "color": _PALETTE[0], "legend": False}],
-                            xlabel="step", ylabel="loss"),
-            )
-        )
-    return f'<h2>Training curves</h2><div class="figs">{"".join(figs)}</div>'
+    loss = []
+    xs, ys = [], []
+    per_epoch_points = max(10, _MAX_STEP_POINTS // len(epochs))
+    for e, losses in zip(epochs, step_losses):  # epoch e's steps lie in (e - 1, e]
+        if len(losses) > per_epoch_points:  # means of equal runs of steps: a smaller file, less noise
+            edges = np.linspace(0, len(losses), per_epoch_points + 1).astype(int)
+            losses = [float(np.mean(losses[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+        n = len(losses)
+        xs += [e - 1 + (i + 1) / n for i in range(n)]
+        ys += [float(v) for v in losses]
+    if xs:
+        loss.append({"name": "training loss per step", "x": xs, "y": ys, "color": "#9ecae1", "thin": True})
+    for key, color in (("loss", _PALETTE[0]), ("val_loss", _PALETTE[1])):
+        if key in keys:
+            x, y = per_epoch(key)
+            loss.append({"name": named(key) + " (epoch)" if key == "loss" else named(key), "x": x, "y": y,
+                         "color": color})
+    chosen = []
+    for base in dict.fromkeys(b for b in (metric, *_CURVE_METRICS) if b and b != "loss"):
+        chosen += [k for k in (f"val_{base}", base) if k in keys]
+    figs = []
+    if loss:
+        figs.append(_figure("Loss", _line_chart(loss, xlabel="epoch", ylabel="loss", integer_x=True)))
+    if chosen:
+        colors = [_PALETTE[2], _PALETTE[4], _PALETTE[5]]  # green, purple, brown: not the loss chart's, not red
+        series = [{"name": named(k), "x": per_epoch(k)[0], "y": per_epoch(k)[1], "color": c}
+                  for k, c in zip(chosen[:3], colors)]
+        figs.append(_figure("Metrics", _line_chart(series, xlabel="epoch", ylabel="value", integer_x=True)))
+    lr = [k for k in keys if k in ("lr", "learning_rate")]
+    if lr:
+        x, y = per_epoch(lr[0])
+        figs.append(_figure("Learning rate", _line_chart([{"name": "learning rate", "x": x, "y": y,
+                                                           "color": _PALETTE[0], "legend": False}],
+                                                         xlabel="epoch", ylabel="learning rate", integer_x=True)))
+    head = "".join(f"<th>{_e(k)}</th>" for k in ["epoch", *keys])
+    body = "".join("<tr>" + f"<td>{e}</td>" + "".join(f"<td>{_num(r.get(k)) if _is_number(r.get(k)) else ''}</td>"
+                                                      for k in keys) + "</tr>" for e, r in zip(epochs, rows))
+    table = (f"<details><summary>Every value per epoch</summary><table class='num'><tr>{head}</tr>{body}</table>"
+             "</details>") if rows else ""
+    return f'<h2>Training curves</h2><div class="figs">{"".join(figs)}</div>{table}'
 
 
 def _confusion_section(metrics, names, multilabel) -> str:
@@ -612,11 +623,31 @@ def _per_class_section(metrics, names, multilabel, scores) -> str:
     return f"<h2>Per class</h2><table class='num'><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def _clip_text(s, limit=1000):
-    return s if len(s) <= limit else s[:limit] + " …"
+_CLIP_CHARS = 480  # of a long text, shown in the errors table; the whole text is one click away
+_CLIP_SPLIT = {"tail": 0.25, "head+tail": 0.5}  # share of the shown characters at the start; else 0.75
 
 
-def _errors_section(errors, multilabel) -> str:
+def _clip_text(s, truncation=None, limit=_CLIP_CHARS):
+    """A long text clipped to the part the model read most of: its start, or with tail and head+tail
+    truncation its end or both ends; the characters left out are counted where they were."""
+    if len(s) <= limit:
+        return _e(s)
+    head = int(limit * _CLIP_SPLIT.get(truncation, 0.75))
+    tail = limit - head
+    cut = f" <span class='cut'>[… {len(s) - limit:,} characters …]</span> "
+    return _e(s[:head]) + cut + _e(s[len(s) - tail:]) if tail else _e(s[:head]) + cut
+
+
+def _text_cell(s, truncation):
+    """The clipped text, and the whole of a long one behind a click."""
+    if s is None:
+        return "<i>(no text)</i>"
+    if len(s) <= _CLIP_CHARS:
+        return _e(s)
+    return f"{_clip_text(s, truncation)}<details><summary>whole text</summary>{_e(s)}</details>"
+
+
+def _errors_section(errors, multilabel, truncation=None) -> str:
     if not errors:
         return "<h2>Worst errors</h2><p class='note'>No misclassified examples.</p>"
     has_pair = any(e["pair"] is not None for e in errors)
@@ -626,8 +657,8 @@ def _errors_section(errors, multilabel) -> str:
 
     rows = []
     for rank, e in enumerate(errors, 1):
-        text = _e(_clip_text(e["text"])) if e["text"] is not None else "<i>(no text)</i>"
-        pair = f"<td class='text'>{_e(_clip_text(e['pair'] or ''))}</td>" if has_pair else ""
+        text = _text_cell(e["text"], truncation)
+        pair = f"<td class='text'>{_text_cell(e['pair'] or '', truncation)}</td>" if has_pair else ""
         rows.append(
             f"<tr><td>{rank}</td><td>{e['index']}</td><td>{_e(show(e['true']))}</td>"
             f"<td>{_e(show(e['predicted']))}</td><td>{e['confidence']:.3f}</td>"
@@ -680,7 +711,7 @@ table{border-collapse:collapse;margin:4px 0}th,td{border:1px solid #ddd;padding:
 th{background:#f6f6f6;text-align:left}table.num td{text-align:right;font-variant-numeric:tabular-nums}
 table.cm td{text-align:center;min-width:30px;font-variant-numeric:tabular-nums}
 th.rot{height:110px;vertical-align:bottom;padding:2px}th.rot div{writing-mode:vertical-rl;transform:rotate(180deg)}
-.scroll{overflow-x:auto}td.text{max-width:560px;white-space:pre-wrap;word-break:break-word;font-size:13px}
+.scroll{overflow-x:auto}td.text{max-width:560px;white-space:pre-wrap;word-break:break-word;font-size:13px}td.text .cut{color:#888;font-style:italic}td.text details{color:#555}
 .note{color:#666;font-size:12px}pre{background:#f6f6f6;padding:10px;overflow-x:auto;font-size:12px}
 tr.best td{background:#fff3e0;font-weight:600}.bar{height:12px;background:#3182bd}table.imp td{border:none}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
@@ -702,11 +733,15 @@ def write_report(
     title="bertfit report",
     config=None,
     n_errors=20,
+    metric=None,
+    truncation=None,
 ) -> Path:
     """Write one self-contained HTML report (inline CSS and SVG, nothing fetched), atomically.
 
     `metrics` is classification_metrics' dict (computed here when None); curves and
-    errors are computed from y_true and probs. Returns the path written.
+    errors are computed from y_true and probs. metric: the run's own metric, charted per epoch beside
+    F1 macro and accuracy; truncation: which end of a long text the errors table keeps (as the model
+    read it). Returns the path written.
     """
     y, p = _check(y_true, probs, label_names, multilabel)
     names = [str(s) for s in label_names]
@@ -720,11 +755,11 @@ def write_report(
     parts = [
         f"<h1>{_e(title)}</h1>",
         _headline(metrics, multilabel),
-        _curves_section(history),
+        _curves_section(history, metric),
         _confusion_section(metrics, names, multilabel),
         pr_roc,
         _per_class_section(metrics, names, multilabel, scores),
-        _errors_section(errors, multilabel),
+        _errors_section(errors, multilabel, truncation),
     ]
     if config is not None:
         parts.append(f"<h2>Configuration</h2><pre>{_e(_config_text(config))}</pre>")

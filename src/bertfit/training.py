@@ -315,6 +315,18 @@ def _clock(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+STEP_LOSS_POINTS = 100  # per epoch in the history: the report's per-step loss curve
+
+
+def step_loss_points(losses, points=STEP_LOSS_POINTS) -> list[float]:
+    """An epoch's per-step training losses, as at most `points` means of equal runs of steps (each
+    point stands for len(losses) / points steps, spread evenly over the epoch)."""
+    if len(losses) <= points:
+        return [round(float(v), 5) for v in losses]
+    edges = np.linspace(0, len(losses), points + 1).astype(int)
+    return [round(float(np.mean(losses[a:b])), 5) for a, b in zip(edges[:-1], edges[1:])]
+
+
 class RunFolder(keras.callbacks.Callback):
     """bertfit's part of `fit`. After each step: the progress line, the NaN check, the step's TensorBoard
     scalars (Keras's TensorBoard callback writes the epoch's), and every
@@ -345,6 +357,7 @@ class RunFolder(keras.callbacks.Callback):
         self.recent = self.recent[-49:] + [loss]
         state.update(batch=b + 1, loss_sum=state["loss_sum"] + loss, loss_count=state["loss_count"] + 1,
                      train_tokens=state["train_tokens"] + len(rows) * int(run.lengths[rows].max()))
+        state.setdefault("step_losses", []).append(round(loss, 5))
         self.progress.update(b + 1, float(np.mean(self.recent)), len(rows))
         apply = (b + 1) % config.gradient_accumulation == 0 or b + 1 == len(self.batches)
         step = int(run.tuner.optimizer.iterations.numpy())
@@ -364,10 +377,11 @@ class RunFolder(keras.callbacks.Callback):
         val_metrics, _, _ = run.evaluate()
         record = {"epoch": epoch, "loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
                   "val_loss": val_metrics["log_loss"],
-                  **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float) and k != "log_loss"}}
+                  **{f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float) and k != "log_loss"},
+                  "step_loss": step_loss_points(state.get("step_losses", []))}
         state["history"].append(record)
         if logs is not None:
-            logs.update({k: v for k, v in record.items() if k != "epoch" and v is not None})
+            logs.update({k: v for k, v in record.items() if k not in ("epoch", "step_loss") and v is not None})
         value = val_metrics["log_loss"] if run.metric == "loss" else val_metrics[run.metric]
         run.log(f"epoch {epoch}: validation {run.metric} {value:.4f}, loss {val_metrics['log_loss']:.4f}")
         best = state["best"]
@@ -376,7 +390,7 @@ class RunFolder(keras.callbacks.Callback):
             run.keep_best()
         else:
             state["stale"] += 1
-        state.update(epoch=epoch, batch=0, loss_sum=0.0, loss_count=0)
+        state.update(epoch=epoch, batch=0, loss_sum=0.0, loss_count=0, step_losses=[])
         run.checkpoint()
         if run.on_epoch_end is not None:
             run.on_epoch_end(epoch, val_metrics)
@@ -802,7 +816,7 @@ class Run:
             self.tuner = FineTuner(clf, self.config, self.batches_per_epoch)
         # train_tokens: padded tokens fed to the model, the work actually done (a speed measure).
         self.state = {"epoch": 0, "batch": 0, "history": [], "best": None, "best_epoch": None, "stale": 0,
-                      "train_tokens": 0, "loss_sum": 0.0, "loss_count": 0}
+                      "train_tokens": 0, "loss_sum": 0.0, "loss_count": 0, "step_losses": []}
         self.best, self.stopped, self.writer, self.train_seconds = None, False, None, 0.0
         self.ckpt_dir = out / "checkpoints" if out is not None else None
         if self.out is not None:
@@ -908,7 +922,7 @@ class Run:
             write_report(out / "report.html", metrics=results[split], label_names=d.vocab.names, y_true=y,
                          probs=probs, texts=examples.texts, pairs=examples.pairs, history=state["history"],
                          multilabel=multilabel, thresholds=clf.thresholds, title=f"bertfit: {out.name} ({split})",
-                         config=clf.config_dict())
+                         config=clf.config_dict(), metric=self.metric, truncation=self.config.truncation)
             if self.config.export:
                 from .export import export_saved_model
 
