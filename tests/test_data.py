@@ -533,3 +533,15 @@ def test_batch_plans_cover_every_row_once_with_little_padding():
     assert padded_length(500, 16, cap=510) == 510 and padded_length(20, 16, cap=24) == 24
     stepped = batch_plan(lengths, 32, shuffle=False, max_scores=budget, length_step=16)
     assert all(len(b) == 1 or len(b) * padded_length(lengths[b].max(), 16) ** 2 <= budget for b in stepped)
+
+
+def test_a_device_or_a_file_without_line_breaks_fails_at_once(tmp_path, monkeypatch):
+    """Issue 26 item 4: /dev/zero as input hung, reading zeros into one endless line."""
+    import bertfit.data as data
+
+    for device in ("/dev/zero", "/dev/null"):
+        error([f"{device}: is a device, not a data file"], device, format="csv")
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "zeros.csv"
+    path.write_bytes(b"text,label\n" + b"\0" * (2 << 20))
+    error([f"{path}, line 2: over 1 MiB without a line break"], path)

@@ -480,6 +480,54 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, binary_files, tmp_p
         np.testing.assert_allclose(after["step_loss"], before["step_loss"], atol=1e-3)
 
 
+def _small_disk(folder, megabytes):
+    """A tmpfs of this size mounted on folder; False where mounting is not allowed."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("limit", ["tmpfs", "ulimit"])
+def test_a_full_disk_stops_training_with_one_line_and_no_partial_file(limit, tiny_model, binary_files, tmp_path):
+    """Issue 26 items 1-2: a full disk gave three ENOSPC tracebacks and left a checkpoint's temporary
+    file behind. Now: one line naming the file and the resume command, exit 2, no part file; with
+    space again, --resume finishes the run. A real full disk (a 6 MB tmpfs, where this process may
+    mount one) or the kernel's per-file limit (ulimit -f: EFBIG, the same failure of a write)."""
+    import resource
+
+    disk, limit_bytes = tmp_path / "disk", 6 << 20
+    if limit == "tmpfs" and not _small_disk(disk, 6):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    if limit == "ulimit":
+        disk.mkdir()
+
+    def file_limit():  # in the child only; Python ignores SIGXFSZ, so the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+
+    train, dev = binary_files
+    out = disk / "run"
+    try:
+        done = subprocess.run(_train_cmd(train, dev, tiny_model, out), capture_output=True, text=True, timeout=300,
+                              preexec_fn=file_limit if limit == "ulimit" else None)
+        assert done.returncode == 2, done.stderr[-3000:]
+        message = [line for line in done.stderr.splitlines() if line.startswith("bertfit: error:")]
+        problem = "no space left writing" if limit == "tmpfs" else "over the file-size limit writing"
+        assert len(message) == 1 and problem in message[0], done.stderr[-3000:]
+        assert f"bertfit train --out {out} --resume" in message[0]
+        assert "Traceback" not in done.stderr
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name], sorted(out.rglob("*"))
+        if limit == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        done = subprocess.run([sys.executable, "-m", "bertfit.cli", "train", "--out", str(out), "--resume"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((out / "run.json").read_text())["state"] == "complete"
+    finally:
+        if limit == "tmpfs":
+            subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_resume_refuses_other_data_and_options_and_leaves_a_complete_run_alone(tiny_model, binary_files, tmp_path):
     """Ctrl-C prints the resume command; a resume with a changed option or changed data is refused,
     naming it; the same data under another name is fine; resuming a complete run does nothing."""

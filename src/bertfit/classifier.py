@@ -25,10 +25,10 @@ from .errors import BertfitError, ConfigError
 
 def write_atomic(path: Path, data: bytes | str):
     """Write a file so that readers see either the old or the whole new content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    from .checkpoints._common import atomic_path
+
+    with atomic_path(path) as tmp:  # removed if the write fails (a full disk)
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def dump_yaml(obj) -> str:
@@ -226,14 +226,12 @@ class Classifier:
         """Write the run folder's model files; run.json last."""
         from safetensors.numpy import save_file
 
+        from .checkpoints._common import atomic_path
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".weights.safetensors.tmp{os.getpid()}"
-        save_file({k: np.ascontiguousarray(v, dtype="float32") for k, v in self.weights().items()}, str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # like any file the user writes, not the temp file's 0600
-        os.replace(tmp, directory / "weights.safetensors")
+        with atomic_path(directory / "weights.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v, dtype="float32") for k, v in self.weights().items()}, tmp)
         write_atomic(directory / "vocab.txt", "\n".join(self.tokenizer.vocab) + "\n")
         write_atomic(directory / "config.yaml", dump_yaml(self.config_dict()))
         write_atomic(directory / "run.json", json.dumps({"state": "complete", **(extra_state or {})}, indent=2))

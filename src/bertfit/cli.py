@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import functools
 import json
 import os
@@ -444,7 +445,20 @@ def _main(argv):
     except KeyboardInterrupt:
         print(f"bertfit: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        if e.errno == errno.EFBIG:
+            problem, remedy = f"a file over the file-size limit{where}", "raise the limit (ulimit -f)"
+        else:
+            problem, remedy = f"no space left{where} ({e.strerror})", "free some space"
+        print(f"bertfit: error: {problem}: {remedy}{_resume_hint(args)}", file=sys.stderr)
+        return 2
     return 0
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: over the file-size limit (ulimit -f)
 
 
 def _check_train_data(args):

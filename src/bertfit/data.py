@@ -37,6 +37,7 @@ _SUFFIX_FORMATS = {
 _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$", re.IGNORECASE)
 _DEFAULT_TEXT = ("text", "sentence")  # tried in this order when no text column is given
 _DEFAULT_LABEL = "label"
+MAX_LINE_BYTES = 64 << 20  # longer than any text a BERT reads whole (an IMDB review is ~10 KB)
 _HEADER_SAMPLE = 50  # rows looked at to tell a header from data when columns are given by index
 
 
@@ -171,7 +172,12 @@ def _lines(path, encoding):
         # Decode line by line, not through a text wrapper, so that a bad byte gets its line number.
         # (Splitting on b"\n" first is right for UTF-8 and the single-byte encodings, not for UTF-16.)
         try:
-            for number, raw in enumerate(f, 1):
+            # Read with a bound: a file with no line break (a binary file, a stream of zeros) would
+            # otherwise be read whole into one line.
+            for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{path}, line {number}: over {MAX_LINE_BYTES >> 20} MiB without a line break: "
+                                    "not a text file of rows (check the file, or --format)")
                 if number == 1 and b"\r" in raw.rstrip(b"\r\n"):
                     raise DataError(f"{path}: its lines end in a carriage return alone (classic Mac OS), which "
                                     "this reader does not split on: convert them to newlines, e.g. "
@@ -669,6 +675,9 @@ def iter_examples(
         raise DataError(f"unknown format {format!r}: {opt('format')} must be one of {', '.join(FORMATS)}")
     elif not (Path(path).exists() or _archive_parts(path)):
         raise DataError(f"{path}: no such file or folder")
+    if table is None and (Path(path).is_char_device() or Path(path).is_block_device()):
+        # /dev/zero never ends and has no line breaks: reading it would fill the memory.
+        raise DataError(f"{path}: is a device, not a data file")
     if quoting not in (None, "csv", "none"):
         raise DataError(f"unknown quoting {quoting!r}: {opt('quoting')} must be csv or none")
     for name in encoding.split(","):

@@ -543,9 +543,10 @@ def training_batches(features, rows, labels, weights, config, pad_id, strategy, 
 
 
 def save_arrays(path: Path, arrays: list[np.ndarray]):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, *arrays)
-    os.replace(tmp, path)
+    from .checkpoints._common import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a failed write (a full disk) leaves no part behind
+        np.savez(f, *arrays)
 
 
 def load_arrays(path: Path) -> list[np.ndarray]:
