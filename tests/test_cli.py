@@ -187,6 +187,9 @@ def test_train_predict_evaluate_inspect(capsys, tmp_path, files, tiny_model):
     code, stdout, _ = run(capsys, "evaluate", out, files / "ok.tsv", "--json", "--errors", "3")
     metrics = json.loads(stdout)
     assert code == 0 and metrics["num_examples"] == 40 and len(metrics["errors"]) <= 3
+    ok_lines = (files / "ok.tsv").read_text().split("\n")
+    for e in metrics["errors"]:  # each names its line, as predict's answers and data errors do
+        assert e["line"] == e["index"] + 2 and ok_lines[e["line"] - 1].startswith(e["text"] + "\t")
 
     pred = tmp_path / "pred.jsonl"
     code, _, err = run(capsys, "predict", out, "--input", files / "ok.tsv", "--output", pred)

@@ -387,7 +387,7 @@ def test_label_vocab_multilabel_multi_hot():
 
 def test_label_vocab_unseen_and_single_class():
     vocab = LabelVocab.from_labels(["neg", "pos"])
-    with pytest.raises(DataError, match=r"dev.tsv: example 2 has the label 'neutral'.*'neg', 'pos'"):
+    with pytest.raises(DataError, match=r"dev.tsv: example 2: the label 'neutral' is not one of.*'neg', 'pos'"):
         vocab.encode(["pos", "neutral"], source="dev.tsv")
     with pytest.raises(DataError, match=r"train.tsv: only the class 'pos'"):
         LabelVocab.from_labels(["pos", "pos"], source="train.tsv")
@@ -545,3 +545,32 @@ def test_a_device_or_a_file_without_line_breaks_fails_at_once(tmp_path, monkeypa
     path = tmp_path / "zeros.csv"
     path.write_bytes(b"text,label\n" + b"\0" * (2 << 20))
     error([f"{path}, line 2: over 1 MiB without a line break"], path)
+
+
+def test_one_numbering_for_messages_reports_and_predictions(tmp_path):
+    """Issue 27 item 3: "example 18", "row 134" and "line" were three counts. Now an example's place is
+    the physical line where its row starts (csv, tsv, jsonl), as a text editor shows it."""
+    path = tmp_path / "dev.csv"
+    path.write_text('text,label\n"one\ntwo lines",pos\n\nplain,neg\n"a ""quoted""\nrow",neutral\n')
+    lines = path.read_text().split("\n")
+    examples = read_examples(path)
+    assert examples.unit == "line" and examples.where == [2, 5, 6]
+    for i, line in enumerate(examples.where):  # each place is the line where the example's text starts
+        assert lines[line - 1].lstrip('"').startswith(examples.texts[i].replace('""', '"')[:3])
+    assert examples.subset([2]).where == [6] and examples.subset([2]).place(0) == f"{path}, line 6"
+    vocab = LabelVocab.from_labels(["pos", "neg"])
+    with pytest.raises(DataError, match=rf"{path}, line 6: the label 'neutral' is not one of the 2"):
+        vocab.encode(examples.labels, source=examples)
+    multi = LabelVocab.from_labels([["pos"], ["neg"]])
+    with pytest.raises(DataError, match=r"line 6: the label 'neutral'"):
+        multi.encode(examples.labels, source=examples)
+
+    jsonl = tmp_path / "dev.jsonl"
+    jsonl.write_text('{"text": "a", "label": "pos"}\n\n{"text": "b", "label": "neg"}\n')
+    assert read_examples(jsonl).where == [1, 3]
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"]}, index=[10, 20])
+    assert (read_examples(frame).unit, read_examples(frame).where) == ("index", [10, 20])
+    assert read_examples(frame).place(1).endswith(", index 20")
+    assert read_examples({"text": ["a", "b"], "label": ["x", "y"]}).unit == "position"

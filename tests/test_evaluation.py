@@ -248,6 +248,21 @@ def test_worst_errors_single_label():
     assert errs[0] == {"index": 3, "text": "t3", "pair": "p3", "true": "a", "predicted": "c", "confidence": 0.95}
     assert [e["confidence"] for e in errs] == sorted((e["confidence"] for e in errs), reverse=True)
     assert len(ev.worst_errors(y, probs, ["a", "b", "c"], texts)) == 4  # only the mistakes
+    # With each example's place in its file, the errors name it as errors and predictions do.
+    placed = ev.worst_errors(y, probs, ["a", "b", "c"], texts, n=2, where=[2, 5, 6, 9, 12], unit="line")
+    assert [(e["index"], e["line"]) for e in placed] == [(3, 9), (0, 2)]
+
+
+def test_report_errors_name_the_line_of_the_data_file(tmp_path):
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    kw = dict(metrics=None, label_names=["neg", "pos"], y_true=y, probs=probs, texts=["a", "b", "c", "d"])
+    doc = ev.write_report(tmp_path / "r.html", where=[2, 4, 7, 11], unit="line", **kw).read_text()
+    table = doc[doc.index("<table class='errors'>"):]
+    assert "<th>line</th>" in table and "<td>1</td><td>4</td>" in table and "<td>2</td><td>11</td>" in table
+    doc = ev.write_report(tmp_path / "r.html", **kw).read_text()  # no places known: 1-based positions
+    table = doc[doc.index("<table class='errors'>"):]
+    assert "<th>example</th>" in table and "<td>1</td><td>2</td>" in table and "<td>2</td><td>4</td>" in table
 
 
 def test_worst_errors_multilabel():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -417,10 +418,17 @@ def test_training_warns_when_the_model_predicts_one_class(tiny_model, binary_fil
     rows = [("the same message", "ham" if i % 10 else "spam") for i in range(60)]
     train = write_tsv(tmp_path / "same.tsv", ["text", "label"], rows)
     clf = bertfit.fine_tune(train, model=tiny_model, log=messages.append, validation_split=0.5,
-                            **dict(FAST, epochs=1))
+                            out=tmp_path / "run", **dict(FAST, epochs=1))
     warning = next(m for m in messages if m.startswith("warning:"))
     assert "the model predicts 'ham' for every validation example" in warning and "class_weight='balanced'" in warning
     assert clf.metrics["warnings"] == [warning.removeprefix("warning: ")]
+    # Issue 27 item 3: the report's errors (spam called ham) name lines of the training file, where the
+    # held-out examples are, not their position among the held-out examples.
+    report = (tmp_path / "run" / "report.html").read_text()
+    table = report[report.index("<table class='errors'>"):]
+    lines = [int(n) for n in re.findall(r"<tr><td>\d+</td><td>(\d+)</td><td>spam</td><td>ham</td>", table)]
+    file_lines = open(train).read().split("\n")
+    assert "<th>line</th>" in table and len(lines) == 3 and all(file_lines[n - 1].endswith("\tspam") for n in lines)
     # A model that tells the classes apart gets no such warning.
     good = bertfit.fine_tune(*binary_files, model=tiny_model, log=lambda m: None, **FAST)
     assert good.metrics["accuracy"] >= 0.9 and good.metrics["warnings"] == []

@@ -198,7 +198,7 @@ class Classifier:
         if not isinstance(data, Examples):
             data = read_examples(data, **input_options(self.data_config.read_options(), read_options, data))
         vocab = LabelVocab(self.labels, self.multilabel)
-        y_true = vocab.encode(data.labels, source=data.source)
+        y_true = vocab.encode(data.labels, source=data)
         probs = self.predict_proba(data.texts, data.pairs)
         return classification_metrics(y_true, probs, self.labels, multilabel=self.multilabel,
                                       thresholds=self.thresholds)

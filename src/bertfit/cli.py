@@ -185,12 +185,13 @@ def cmd_evaluate(args):
     clf = load_for_inference(args)
     read = options_from(args, dataclasses.fields(DataConfig))
     data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
-    y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data.source)
+    y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data)
     probs = clf.predict_proba(data.texts, data.pairs)  # once, for the metrics and the error list
     metrics = classification_metrics(y, probs, clf.labels, multilabel=clf.multilabel, thresholds=clf.thresholds)
     if args.errors:
         metrics["errors"] = worst_errors(y, probs, clf.labels, data.texts, data.pairs, n=args.errors,
-                                         multilabel=clf.multilabel, thresholds=clf.thresholds)
+                                         multilabel=clf.multilabel, thresholds=clf.thresholds,
+                                         where=data.where, unit=data.unit)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
@@ -203,7 +204,8 @@ def cmd_evaluate(args):
     for name, m in metrics["per_class"].items():
         print(f"  {name[:20]:<20}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}")
     for e in metrics.get("errors", []):
-        print(f"  [{e['confidence']:.3f}] true {e['true']} predicted {e['predicted']}: {str(e['text'])[:100]!r}")
+        print(f"  [{e['confidence']:.3f}] {data.unit} {e[data.unit]}: true {e['true']} predicted {e['predicted']}: "
+              f"{str(e['text'])[:100]!r}")
 
 
 def cmd_predict(args):

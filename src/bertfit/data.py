@@ -49,6 +49,10 @@ class Examples:
     pairs: list[str] | None  # second sentence for pair tasks
     labels: list | None  # each a str (single-label) or list[str] (multi-label); None without labels
     source: str  # path as given, for messages
+    # Where each example is in its source, counted as iter_examples counts (unit "line", "row", "record",
+    # "file", ...): the one numbering that errors, reports and predict output share. None: unknown.
+    where: list | None = None
+    unit: str | None = None
 
     def __len__(self):
         return len(self.texts)
@@ -57,7 +61,29 @@ class Examples:
         def pick(values):
             return None if values is None else [values[i] for i in indices]
 
-        return Examples(pick(self.texts), pick(self.pairs), pick(self.labels), self.source)
+        return Examples(pick(self.texts), pick(self.pairs), pick(self.labels), self.source, pick(self.where), self.unit)
+
+    def place(self, i) -> str:
+        """Example i for a message: "data.csv, line 19", a folder's file path, or "data: example 3"."""
+        return place(self.source, self.unit, None if self.where is None else self.where[i], i)
+
+
+def place(source, unit, where, i) -> str:
+    if where is None:
+        return f"{source or 'the data'}: example {i + 1}"
+    return str(where) if unit == "file" else f"{source}, {unit} {where}"
+
+
+def unit_of(data, format=None) -> str:
+    """What iter_examples' `where` counts for this data: line (csv, tsv, jsonl: the physical line where
+    the row starts), row (parquet), record (tfrecord), file (folders: its path), or for data in memory
+    index (a DataFrame's index label), position (a dict of lists, 0-based) and element (a tf.data.Dataset)."""
+    if is_table(data):
+        return "element" if is_dataset(data) else "position" if isinstance(data, dict) else "index"
+    return _UNITS[format or detect_format(data)]
+
+
+_UNITS = {"csv": "line", "tsv": "line", "jsonl": "line", "parquet": "row", "tfrecord": "record", "folder": "file"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -864,12 +890,13 @@ def read_examples(
 
     When any label is a list (multi-label), every label becomes a list.
     """
-    texts, pairs, labels = [], [], []
-    for _, text, pair, label in iter_examples(
+    wheres, texts, pairs, labels = [], [], [], []
+    for where, text, pair, label in iter_examples(
         path, text_column=text_column, pair_column=pair_column, label_column=label_column,
         label_columns=label_columns, format=format, header=header, quoting=quoting, encoding=encoding,
         label_delimiter=label_delimiter, label_names=label_names, limit=limit, require_labels=require_labels,
     ):
+        wheres.append(where)
         texts.append(text)
         pairs.append(pair)
         labels.append(label)
@@ -879,6 +906,8 @@ def read_examples(
         pairs if pairs and pairs[0] is not None else None,
         labels if labels and labels[0] is not None else None,
         _table_name(path) if is_table(path) else str(path),
+        wheres,
+        unit_of(path, format),
     )
 
 
@@ -893,12 +922,14 @@ def read_subset(path, indices, labels, **read_options) -> Examples:
     """Examples number `indices` (0-based, ascending) of a data file, in a second pass over it; their
     labels are taken from `labels` (all of the file's, as read the first time)."""
     wanted = set(indices)
-    texts, pairs = [], []
-    for i, (_, text, pair, _) in enumerate(iter_examples(path, **read_options)):
+    wheres, texts, pairs = [], [], []
+    for i, (where, text, pair, _) in enumerate(iter_examples(path, **read_options)):
         if i in wanted:
+            wheres.append(where)
             texts.append(text)
             pairs.append(pair)
-    return Examples(texts, pairs if pairs and pairs[0] is not None else None, [labels[i] for i in indices], str(path))
+    return Examples(texts, pairs if pairs and pairs[0] is not None else None, [labels[i] for i in indices], str(path),
+                    wheres, unit_of(path, read_options.get("format")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,16 +966,17 @@ class LabelVocab:
         return cls(names, multilabel)
 
     def encode(self, labels, source="") -> np.ndarray:
-        """int32 ids [N], or float32 multi-hot [N, C] for a multi-label vocabulary."""
+        """int32 ids [N], or float32 multi-hot [N, C] for a multi-label vocabulary. source: a name for
+        messages, or the Examples the labels come from (messages then say the line, row or file)."""
         ids = {name: i for i, name in enumerate(self.names)}
+        at = source.place if isinstance(source, Examples) else lambda row: place(source, None, None, row)
 
         def id_of(name, row):
             i = ids.get(str(name))
             if i is None:
                 known = ", ".join(map(repr, self.names[:20])) + (", ..." if len(self.names) > 20 else "")
                 raise DataError(
-                    f"{source or 'the data'}: example {row + 1} has the label {str(name)!r}, which is not "
-                    f"one of the {len(self.names)} known labels: {known}"
+                    f"{at(row)}: the label {str(name)!r} is not one of the {len(self.names)} known labels: {known}"
                 )
             return i
 
@@ -957,9 +989,7 @@ class LabelVocab:
         out = np.empty(len(labels), np.int32)
         for row, label in enumerate(labels):
             if isinstance(label, (list, tuple)):
-                raise DataError(
-                    f"{source or 'the data'}: example {row + 1} has a list of labels, but the labels are single-label"
-                )
+                raise DataError(f"{at(row)}: a list of labels, but the labels are single-label")
             out[row] = id_of(label, row)
         return out
 

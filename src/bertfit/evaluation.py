@@ -271,11 +271,13 @@ def choose_thresholds(y_true, probs, grid=None) -> np.ndarray:
 
 
 def worst_errors(
-    y_true, probs, label_names, texts, pairs=None, n=20, multilabel=False, thresholds=None
+    y_true, probs, label_names, texts, pairs=None, n=20, multilabel=False, thresholds=None, where=None, unit=None
 ) -> list[dict]:
     """The n most confident mistakes, most confident first (ties keep input order).
 
-    Each: {index, text, pair, true, predicted, confidence}. Single-label: true/predicted
+    Each: {index, text, pair, true, predicted, confidence}, index 0-based among the examples given;
+    with where (each example's place, e.g. Examples.where) also {unit: place}, e.g. "line": 19, the
+    number that errors and predict output use. Single-label: true/predicted
     are label names and confidence is the probability of the predicted class. Multi-label:
     true/predicted are lists of label names, and confidence is the probability behind the
     surest wrong decision (p for a false positive, 1 - p for a false negative).
@@ -303,6 +305,7 @@ def worst_errors(
     return [
         {
             "index": int(i),
+            **({unit or "where": where[i]} if where is not None else {}),
             "text": _to_str(texts[i]) if texts is not None else None,
             "pair": _to_str(pairs[i]) if pairs is not None else None,
             "true": label(i, y),
@@ -647,7 +650,7 @@ def _text_cell(s, truncation):
     return f"{_clip_text(s, truncation)}<details><summary>whole text</summary>{_e(s)}</details>"
 
 
-def _errors_section(errors, multilabel, truncation=None) -> str:
+def _errors_section(errors, multilabel, truncation=None, unit=None) -> str:
     if not errors:
         return "<h2>Worst errors</h2><p class='note'>No misclassified examples.</p>"
     has_pair = any(e["pair"] is not None for e in errors)
@@ -655,19 +658,21 @@ def _errors_section(errors, multilabel, truncation=None) -> str:
     def show(v):
         return ", ".join(v) if isinstance(v, list) else v
 
+    # Each error's place as the data's own numbering (a line, a row, a file), else its 1-based position.
+    key = unit if unit and unit in errors[0] else None
     rows = []
     for rank, e in enumerate(errors, 1):
         text = _text_cell(e["text"], truncation)
         pair = f"<td class='text'>{_text_cell(e['pair'] or '', truncation)}</td>" if has_pair else ""
         rows.append(
-            f"<tr><td>{rank}</td><td>{e['index']}</td><td>{_e(show(e['true']))}</td>"
+            f"<tr><td>{rank}</td><td>{_e(str(e[key] if key else e['index'] + 1))}</td><td>{_e(show(e['true']))}</td>"
             f"<td>{_e(show(e['predicted']))}</td><td>{e['confidence']:.3f}</td>"
             f"<td class='text'>{text}</td>{pair}</tr>"
         )
     what = "probability behind the surest wrong label decision" if multilabel else "probability of the predicted class"
     return (
         f"<h2>Worst errors</h2><p class='note'>Most confident mistakes first; confidence is the {what}.</p>"
-        "<table class='errors'><tr><th>#</th><th>row</th><th>true</th><th>predicted</th><th>confidence</th>"
+        f"<table class='errors'><tr><th>#</th><th>{_e(key or 'example')}</th><th>true</th><th>predicted</th><th>confidence</th>"
         f"<th>text</th>{'<th>pair</th>' if has_pair else ''}</tr>{''.join(rows)}</table>"
     )
 
@@ -735,13 +740,16 @@ def write_report(
     n_errors=20,
     metric=None,
     truncation=None,
+    where=None,
+    unit=None,
 ) -> Path:
     """Write one self-contained HTML report (inline CSS and SVG, nothing fetched), atomically.
 
     `metrics` is classification_metrics' dict (computed here when None); curves and
     errors are computed from y_true and probs. metric: the run's own metric, charted per epoch beside
     F1 macro and accuracy; truncation: which end of a long text the errors table keeps (as the model
-    read it). Returns the path written.
+    read it); where, unit: each example's place in its data (Examples.where, .unit), shown with the errors.
+    Returns the path written.
     """
     y, p = _check(y_true, probs, label_names, multilabel)
     names = [str(s) for s in label_names]
@@ -751,7 +759,8 @@ def write_report(
         thresholds = metrics.get("thresholds")  # so errors use the thresholds the metrics used
 
     pr_roc, scores = _pr_roc_section(y, p, names, multilabel)
-    errors = worst_errors(y, p, names, texts, pairs, n=n_errors, multilabel=multilabel, thresholds=thresholds)
+    errors = worst_errors(y, p, names, texts, pairs, n=n_errors, multilabel=multilabel, thresholds=thresholds,
+                          where=where, unit=unit)
     parts = [
         f"<h1>{_e(title)}</h1>",
         _headline(metrics, multilabel),
@@ -759,7 +768,7 @@ def write_report(
         _confusion_section(metrics, names, multilabel),
         pr_roc,
         _per_class_section(metrics, names, multilabel, scores),
-        _errors_section(errors, multilabel, truncation),
+        _errors_section(errors, multilabel, truncation, unit),
     ]
     if config is not None:
         parts.append(f"<h2>Configuration</h2><pre>{_e(_config_text(config))}</pre>")

@@ -18,11 +18,6 @@ from .errors import BertfitError
 CHUNK = 4096  # rows held in memory at a time
 
 
-# Each output line says which input it answers: the line where the row starts (csv, tsv, jsonl),
-# the row or record number (parquet, tfrecord), or the file (folders).
-WHERE = {"csv": "line", "tsv": "line", "jsonl": "line", "parquet": "row", "tfrecord": "record", "folder": "file"}
-
-
 def format_of_output(output_path, given=None) -> str:
     """jsonl or csv: as given, else from the output file's suffix (stdout: jsonl)."""
     if given:
@@ -102,12 +97,14 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
 
 
 def _predict_rows(clf, input_path, stream, kind, batch_size, read_options) -> int:
-    from .data import detect_format, input_options, iter_examples
+    from .data import input_options, iter_examples, unit_of
 
     options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
     for key in ("label_column", "label_columns", "label_delimiter", "label_names"):
         options.pop(key, None)
-    rows = _Rows(stream, kind, WHERE[options["format"] or detect_format(input_path)], clf.labels)
+    # Each answer names its input as errors and reports do: the line where the row starts (csv, tsv,
+    # jsonl), the row or record number (parquet, tfrecord), or the file (folders).
+    rows = _Rows(stream, kind, unit_of(input_path, options["format"]), clf.labels)
     count = 0
     wheres, texts, pairs = [], [], []
 

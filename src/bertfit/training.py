@@ -779,7 +779,7 @@ def _read_and_tokenize(train, validation, test, data_config, config, strategy, o
         raise ConfigError(f"metric {metric} is defined for binary tasks only")
     return SimpleNamespace(pretrained=pretrained, vocab=vocab, metric=metric, train_f=train_f, train_rows=train_rows,
                            kept=kept, y_all=y_all, y_train=y_all[kept], val_ex=val_ex, val_f=val_f,
-                           y_val=vocab.encode(val_ex.labels, source=val_ex.source), test_ex=test_ex,
+                           y_val=vocab.encode(val_ex.labels, source=val_ex), test_ex=test_ex,
                            remove_cache=remove_cache)
 
 
@@ -906,7 +906,7 @@ class Run:
         results = {"validation": val_metrics}
         split, y, probs, examples = "validation", d.y_val, val_probs, d.val_ex
         if d.test_ex is not None:
-            split, y, examples = "test", d.vocab.encode(d.test_ex.labels, source=d.test_ex.source), d.test_ex
+            split, y, examples = "test", d.vocab.encode(d.test_ex.labels, source=d.test_ex), d.test_ex
             probs = clf.predict_proba(d.test_ex.texts, d.test_ex.pairs)
             results["test"] = classification_metrics(y, probs, d.vocab.names, multilabel=multilabel,
                                                      thresholds=clf.thresholds)
@@ -923,7 +923,8 @@ class Run:
             write_report(out / "report.html", metrics=results[split], label_names=d.vocab.names, y_true=y,
                          probs=probs, texts=examples.texts, pairs=examples.pairs, history=state["history"],
                          multilabel=multilabel, thresholds=clf.thresholds, title=f"bertfit: {out.name} ({split})",
-                         config=clf.config_dict(), metric=self.metric, truncation=self.config.truncation)
+                         config=clf.config_dict(), metric=self.metric, truncation=self.config.truncation,
+                         where=examples.where, unit=examples.unit)
             if self.config.export:
                 from .export import export_saved_model
 
