@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -356,6 +357,68 @@ def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch)
     assert code == 0 and stdout.splitlines()[0] == ",".join(table[0]) and len(stdout.splitlines()) == 41
     code, _, err = run(capsys, "predict", run_dir, "a text", "--output", out)
     assert code == 2 and "--output is for --input FILE" in err
+
+
+def test_predict_keeps_columns(capsys, tmp_path, tiny_model):
+    """--keep-columns copies input columns (an id, a source) into every answer, typed as the input types
+    them, for CSV, JSONL, Parquet and headerless files (issue 27, item 3)."""
+    import csv
+
+    import pandas as pd
+
+    run_dir = random_run(tiny_model, tmp_path, saved_model=False)
+    clf = bertfit.load(run_dir)
+    rows = [(f"r{i:03d}", text, "web" if i % 2 else "mail", label) for i, (text, label) in enumerate(sentiment_rows(9))]
+    want = clf.predict_proba([r[1] for r in rows])
+    data = tmp_path / "in.csv"
+    data.write_text("id,sentence,source,label\n" + "".join(",".join(r) + "\n" for r in rows))
+
+    code, stdout, err = run(capsys, "predict", run_dir, "--input", data, "--text-column", "sentence",
+                            "--keep-columns", "id,source")
+    assert code == 0, err
+    answers = [json.loads(line) for line in stdout.splitlines()]
+    assert [list(a) for a in answers[:1]] == [["line", "id", "source", "label", "probabilities"]]
+    assert [(a["line"], a["id"], a["source"]) for a in answers] == [(i + 2, r[0], r[2]) for i, r in enumerate(rows)]
+    np.testing.assert_allclose([list(a["probabilities"].values()) for a in answers], want, atol=1e-5)
+
+    out = tmp_path / "answers.csv"
+    code, _, err = run(capsys, "predict", run_dir, "--input", data, "--text-column", "sentence", "--keep-columns",
+                       "id", "--output", out)
+    assert code == 0, err
+    table = list(csv.reader(out.open()))
+    assert table[0] == ["line", "id", "label", *(f"p_{name}" for name in clf.labels)]
+    assert [r[1] for r in table[1:]] == [r[0] for r in rows]
+
+    # Typed formats keep their types: an int id and a list of tags from JSONL and Parquet.
+    records = [{"id": i, "tags": ["a", "b"][: i % 3], "sentence": r[1]} for i, r in enumerate(rows)]
+    jsonl, parquet = tmp_path / "in.jsonl", tmp_path / "in.parquet"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pd.DataFrame(records).to_parquet(parquet)
+    for path, where in ((jsonl, "line"), (parquet, "row")):
+        code, stdout, err = run(capsys, "predict", run_dir, "--input", path, "--text-column", "sentence",
+                                "--keep-columns", "id,tags")
+        assert code == 0, err
+        answers = [json.loads(line) for line in stdout.splitlines()]
+        assert [(a[where], a["id"], a["tags"]) for a in answers] == [(i + 1, r["id"], r["tags"]) for i, r in enumerate(records)]
+    # Headerless: columns by index, named by their index.
+    bare = tmp_path / "bare.tsv"
+    bare.write_text("".join(f"{r[0]}\t{r[1]}\n" for r in rows))
+    code, stdout, err = run(capsys, "predict", run_dir, "--input", bare, "--no-header", "--text-column", "1",
+                            "--keep-columns", "0")
+    assert code == 0, err
+    assert [json.loads(line)["0"] for line in stdout.splitlines()] == [r[0] for r in rows]
+    # From Python: the same, as a list.
+    from bertfit.predict import predict_file
+
+    assert predict_file(clf, data, tmp_path / "py.jsonl", text_column="sentence", keep_columns=["source"]) == 9
+    assert [json.loads(line)["source"] for line in (tmp_path / "py.jsonl").read_text().splitlines()] == [r[2] for r in rows]
+
+    for flags, message in ((["--keep-columns", "idd"], r"no column 'idd' \(--keep-columns\)\. Did you mean 'id'"),
+                           (["--keep-columns", "id,label"], r"--keep-columns label: the output has its own 'label'")):
+        code, stdout, err = run(capsys, "predict", run_dir, "--input", data, "--text-column", "sentence", *flags)
+        assert code == 2 and re.search(message, err) and stdout == "", err
+    code, _, err = run(capsys, "predict", run_dir, "a text", "--keep-columns", "id")
+    assert code == 2 and "--keep-columns is for --input FILE" in err
 
 
 def test_predict_output_that_cannot_be_written_exits_2(capsys, tmp_path, files, tiny_model):

@@ -214,11 +214,12 @@ def cmd_predict(args):
         from .predict import predict_file
 
         n = predict_file(clf, args.input, args.output, batch_size=args.batch_size, output_format=args.output_format,
-                         **options_from(args, dataclasses.fields(DataConfig)))
+                         keep_columns=args.keep_columns, **options_from(args, dataclasses.fields(DataConfig)))
         print(f"wrote {n} predictions to {args.output or 'stdout'}", file=sys.stderr)
         return
-    if args.output:
-        raise BertfitError("--output is for --input FILE: texts given on the command line are answered on stdout")
+    if args.output or args.keep_columns:
+        flag = "--output" if args.output else "--keep-columns"
+        raise BertfitError(f"{flag} is for --input FILE: texts given on the command line are answered on stdout")
     if not args.texts:
         raise BertfitError("give texts to classify, or --input FILE (- for stdin)")
     for text, result in zip(args.texts, clf.predict(args.texts)):
@@ -312,6 +313,9 @@ def build_parser():
                                     "or CSV for a .csv name (default: stdout)")
     r.add_argument("--output-format", choices=["jsonl", "csv"],
                    help="the output's format, when --output's name does not say it (stdout: jsonl)")
+    r.add_argument("--keep-columns", metavar="COLS",
+                   help="input columns to copy into each answer, e.g. id or id,source (names, or 0-based "
+                        "indexes for a file without header); with --input")
     r.add_argument("--batch-size", type=int, default=64, help="texts per model batch")
     r.add_argument("--jit", action="store_true", help=JIT_INFERENCE_HELP)
     add_data_flags(r, with_label=False)

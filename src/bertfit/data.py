@@ -543,9 +543,11 @@ class _Columns:
     label: object = None  # one column, or None
     label_name: str = ""
     flags: list | None = None  # [(key, label name)] for multi-label 0/1 columns
+    keep: list | None = None  # [(key, name)] of columns carried through as they are (predict --keep-columns)
 
 
-def _resolve(names, width, path, text_column, pair_column, label_column, label_columns, require_labels, keyed):
+def _resolve(names, width, path, text_column, pair_column, label_column, label_columns, require_labels, keyed,
+             keep_columns=None):
     """Find the columns in `names` (None: headerless); `keyed` rows are dicts, so return names, not positions."""
 
     def find(spec, option):
@@ -576,6 +578,8 @@ def _resolve(names, width, path, text_column, pair_column, label_column, label_c
                 f"{path}: no 'label' column; pass {opt('label_column')} (or {opt('label_columns')} for 0/1 columns){available}"
             )
         columns.label, columns.label_name = find(_DEFAULT_LABEL, "label_column")
+    if keep_columns is not None:
+        columns.keep = [find(spec, "keep_columns") for spec in keep_columns]
     return columns
 
 
@@ -596,6 +600,15 @@ def _text(value, where, column, encoding) -> str:
     if not text.strip():
         raise DataError(f"{where}: empty or missing text in column {column!r}")
     return text
+
+
+def _kept(value):
+    """A kept column's value as JSON can hold it: bytes (TFRecord) decoded, other types as they are."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_kept(v) for v in value]
+    return value
 
 
 def _label_text(value, encoding, where) -> str | None:
@@ -662,9 +675,11 @@ def _read_label_names(path) -> list[str]:
 def iter_examples(
     path, *, text_column=None, pair_column=None, label_column=None, label_columns=None, format=None,
     header=None, quoting=None, encoding="utf-8", label_delimiter=None, label_names=None, limit=None,
-    require_labels=True,
+    require_labels=True, keep_columns=None,
 ):
-    """Stream (where, text, pair, label) from a data file of any size with bounded memory.
+    """Stream (where, text, pair, label) from a data file of any size with bounded memory; with
+    keep_columns (names or 0-based indexes, or "a,b"), (where, text, pair, label, {name: value}) with
+    those columns' values as they are (text from csv/tsv; JSON, Parquet and TFRecord values typed).
 
     where is the 1-based physical line where the row starts for csv, tsv and jsonl, the 1-based row
     or record number for parquet and tfrecord, and the file's path for folders. pair is None without
@@ -682,6 +697,8 @@ def iter_examples(
     """
     if isinstance(label_columns, str):  # "a,b,c", as a command line gives it
         label_columns = label_columns.split(",")
+    if isinstance(keep_columns, (str, int)):
+        keep_columns = str(keep_columns).split(",")
     table = None
     if is_table(path):
         if format not in (None, "table"):
@@ -714,7 +731,8 @@ def iter_examples(
 
     if format == "folder":
         given = dict(text_column=text_column, pair_column=pair_column, label_column=label_column,
-                     label_columns=label_columns, label_delimiter=label_delimiter, label_names=label_names)
+                     label_columns=label_columns, label_delimiter=label_delimiter, label_names=label_names,
+                     keep_columns=keep_columns)
         if any(v is not None for v in given.values()):
             raise DataError(
                 f"{path}: column and label options do not apply to a folder "
@@ -730,7 +748,7 @@ def iter_examples(
                             "are named by their header")
         examples = _row_examples(
             path, format, text_column, pair_column, label_column, label_columns, header, quoting, encoding,
-            label_delimiter, id_names, require_labels, table,
+            label_delimiter, id_names, require_labels, table, keep_columns,
         )
     count = 0
     for example in islice(examples, limit):
@@ -758,10 +776,13 @@ def _folder_examples(path, encoding):
 
 
 def _row_examples(path, format, text_column, pair_column, label_column, label_columns, header, quoting,
-                  encoding, label_delimiter, id_names, require_labels, table=None):
+                  encoding, label_delimiter, id_names, require_labels, table=None, keep_columns=None):
     keyed = format != "csv" and format != "tsv"
     specs = [s for s in (text_column, pair_column, label_column, *(label_columns or ())) if s is not None]
+    specs += [s for s in keep_columns or () if _index(s) is None]  # a kept column's name needs a header too
     if format == "table" and is_dataset(table):  # path is the table's name, for messages
+        if keep_columns is not None:
+            raise DataError(f"{path}: keep_columns applies to files and tables, not to a tf.data.Dataset")
         spec, batched = _dataset_columns(table, path)
         names, where = list(spec), "element"
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
@@ -775,13 +796,13 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
     elif format == "table":
         names, where, rows = _memory_rows(table, path)
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
-                           require_labels, keyed)
+                           require_labels, keyed, keep_columns)
     elif format == "parquet":
         parquet = _parquet_file(path)
         names = parquet.schema_arrow.names
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
-                           require_labels, keyed)
-        used = [columns.text, columns.pair, columns.label, *(k for k, _ in columns.flags or ())]
+                           require_labels, keyed, keep_columns)
+        used = [columns.text, columns.pair, columns.label, *(k for k, _ in (columns.flags or []) + (columns.keep or []))]
         rows = _parquet_rows(parquet, list(dict.fromkeys(k for k in used if k is not None)))
         where = "row"
     else:
@@ -808,7 +829,7 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
             names = first[1] if header else None
             rows = chain(sample, rows) if header else chain([first], sample, rows)
         columns = _resolve(names, len(names or first[1]), path, text_column, pair_column, label_column,
-                           label_columns, require_labels, keyed)
+                           label_columns, require_labels, keyed, keep_columns)
 
     get = (lambda row, key: row.get(key)) if keyed else (lambda row, key: row[key])
     for number, row in rows:
@@ -821,7 +842,10 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
             label = _label(get(row, columns.label), at, columns, label_delimiter, id_names, encoding)
         else:
             label = None
-        yield number, text, pair, label
+        if columns.keep is None:
+            yield number, text, pair, label
+        else:
+            yield number, text, pair, label, {name: _kept(get(row, key)) for key, name in columns.keep}
 
 
 def peek_columns(path, *, format=None, header=None, quoting=None, encoding="utf-8", rows=200) -> dict | None:

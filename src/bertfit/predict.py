@@ -26,23 +26,38 @@ def format_of_output(output_path, given=None) -> str:
 
 
 class _Rows:
-    """Writes one answer per input row: {where, label, probabilities} as JSONL, or as CSV columns
-    where, label, then one probability column per label (multi-label: labels joined by ';')."""
+    """Writes one answer per input row: {where, kept columns, label, probabilities} as JSONL, or as CSV
+    columns where, kept columns, label, then one probability column per label (multi-label: labels
+    joined by ';')."""
 
-    def __init__(self, stream, kind, where_key, labels):
+    def __init__(self, stream, kind, where_key, labels, kept_names=()):
         self.stream, self.kind, self.where_key, self.labels = stream, kind, where_key, labels
+        own = [where_key, "label", *((f"p_{name}" for name in labels) if kind == "csv" else ["probabilities"])]
+        taken = [name for name in kept_names if name in own]
+        if taken:
+            raise BertfitError(f"--keep-columns {','.join(taken)}: the output has its own {taken[0]!r} field; "
+                               "rename the column in the input")
         if kind == "csv":
             self.csv = csv.writer(stream, lineterminator="\n")
-            self.csv.writerow([where_key, "label", *(f"p_{name}" for name in labels)])
+            self.csv.writerow([where_key, *kept_names, "label", *(f"p_{name}" for name in labels)])
 
-    def write(self, where, label, row):
+    def write(self, where, label, row, kept=None):
+        kept = kept or {}
         if self.kind == "csv":
-            self.csv.writerow([where, ";".join(label) if isinstance(label, list) else label,
+            self.csv.writerow([where, *(_csv_cell(v) for v in kept.values()),
+                               ";".join(label) if isinstance(label, list) else label,
                                *(f"{float(p):.6g}" for p in row)])
         else:
-            self.stream.write(json.dumps({self.where_key: where, "label": label,
+            self.stream.write(json.dumps({self.where_key: where, **kept, "label": label,
                                           "probabilities": dict(zip(self.labels, map(float, row)))},
-                                         ensure_ascii=False) + "\n")
+                                         ensure_ascii=False, default=str) + "\n")
+
+
+def _csv_cell(value):
+    """A kept value in a CSV cell: missing as empty, lists and objects as JSON, others as text."""
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (list, dict)) else value
 
 
 @contextlib.contextmanager
@@ -63,16 +78,19 @@ def _stdin_as_file(fmt):
         yield path
 
 
-def predict_file(clf, input_path, output_path=None, batch_size=64, output_format=None, **read_options) -> int:
+def predict_file(clf, input_path, output_path=None, batch_size=64, output_format=None, keep_columns=None,
+                 **read_options) -> int:
     """Write one answer per input row, in order, naming its "line"|"row"|"record"|"file": to output_path
     (JSONL, or CSV for a .csv name or output_format="csv"; the file appears only when complete) or, when
-    output_path is None, to stdout as the answers come. input_path "-" reads stdin."""
+    output_path is None, to stdout as the answers come. input_path "-" reads stdin. keep_columns: input
+    columns (names, or 0-based indexes without a header; a list or "id,source") copied into each answer."""
+    keep_columns = keep_columns or None
     if str(input_path) == "-":
         with _stdin_as_file(read_options.pop("format", None)) as path:
-            return predict_file(clf, path, output_path, batch_size, output_format, **read_options)
+            return predict_file(clf, path, output_path, batch_size, output_format, keep_columns, **read_options)
     kind = format_of_output(output_path, output_format)
     if output_path is None:
-        return _predict_rows(clf, input_path, sys.stdout, kind, batch_size, read_options)
+        return _predict_rows(clf, input_path, sys.stdout, kind, batch_size, keep_columns, read_options)
     output_path = Path(output_path)
     if output_path.exists() and output_path.resolve() == Path(input_path).resolve():
         raise BertfitError(f"--output {output_path} is the input file: choose another name")
@@ -83,7 +101,7 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
         raise BertfitError(f"cannot write --output {output_path}: {e.strerror}") from None
     try:
         with out_file as f:
-            count = _predict_rows(clf, input_path, f, kind, batch_size, read_options)
+            count = _predict_rows(clf, input_path, f, kind, batch_size, keep_columns, read_options)
         os.replace(tmp, output_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -96,7 +114,7 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
     return count
 
 
-def _predict_rows(clf, input_path, stream, kind, batch_size, read_options) -> int:
+def _predict_rows(clf, input_path, stream, kind, batch_size, keep_columns, read_options) -> int:
     from .data import input_options, iter_examples, unit_of
 
     options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
@@ -104,25 +122,29 @@ def _predict_rows(clf, input_path, stream, kind, batch_size, read_options) -> in
         options.pop(key, None)
     # Each answer names its input as errors and reports do: the line where the row starts (csv, tsv,
     # jsonl), the row or record number (parquet, tfrecord), or the file (folders).
-    rows = _Rows(stream, kind, unit_of(input_path, options["format"]), clf.labels)
+    where_key = unit_of(input_path, options["format"])
+    rows = None if keep_columns else _Rows(stream, kind, where_key, clf.labels)
     count = 0
-    wheres, texts, pairs = [], [], []
+    wheres, texts, pairs, kept = [], [], [], []
 
     def flush():
         nonlocal count
         probs = clf.predict_features(clf.encode(texts, pairs if any(p is not None for p in pairs) else None),
                                      batch_size=batch_size)
-        for where, label, row in zip(wheres, clf.decide(probs), probs):
-            rows.write(where, label, row)
+        for where, label, row, values in zip(wheres, clf.decide(probs), probs, kept or [None] * len(texts)):
+            rows.write(where, label, row, values)
         stream.flush()
         count += len(texts)
-        for held in (wheres, texts, pairs):
+        for held in (wheres, texts, pairs, kept):
             held.clear()
 
-    for where, text, pair, _ in iter_examples(input_path, **options):
+    for where, text, pair, _, *values in iter_examples(input_path, keep_columns=keep_columns, **options):
+        if rows is None:  # the kept columns' names are known once the file's header is read
+            rows = _Rows(stream, kind, where_key, clf.labels, list(values[0]))
         wheres.append(where)
         texts.append(text)
         pairs.append(pair)
+        kept.extend(values)
         if len(texts) >= CHUNK:
             flush()
     if texts:
