@@ -316,6 +316,36 @@ def test_bad_columns_fail_before_tensorflow_loads(tmp_path, files):
          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300).stderr
 
 
+def test_evaluate_and_predict_check_the_run_and_the_data_before_tensorflow_loads(tmp_path, files, tiny_model):
+    """Issue 27 item 5: a wrong column, file, kept column or run folder for evaluate and predict --input
+    fails on the first row, before TensorFlow is imported; a right one goes on to load it."""
+    import subprocess
+    import sys
+
+    run_dir = str(random_run(tiny_model, tmp_path, saved_model=False))  # its text column: 'a'
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tlabel\na film\tpos\n")
+    for argv, message in (
+        (["evaluate", run_dir, str(bad)], "no column 'a'"),
+        (["evaluate", run_dir, str(files / "ok.tsv"), "--text-column", "sentense"], "Did you mean 'sentence'"),
+        (["evaluate", run_dir, str(tmp_path / "missing.tsv")], "missing.tsv: no such file"),
+        (["predict", run_dir, "--input", str(bad)], "no column 'a'"),
+        (["predict", run_dir, "--input", str(bad), "--text-column", "text", "--keep-columns", "id"], "no column 'id'"),
+        (["predict", str(tmp_path), "--input", str(files / "ok.tsv")], "not a bertfit run folder"),
+        (["predict", run_dir, "--input", str(bad), "--text-column", "text", "--output", str(tmp_path / "no" / "o.csv")],
+         "cannot write --output"),
+        (["evaluate", run_dir, str(files / "ok.tsv"), "--text-column", "sentence", "--json"], None),
+    ):
+        code = (f"import sys; from bertfit.cli import main; code = main({argv!r}); "
+                "print(code, 'tensorflow' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        if message is None:
+            assert done.stdout.split()[-2:] == ["0", "True"], (done.stdout, done.stderr)
+        else:
+            assert done.stdout.split() == ["2", "False"], (argv, done.stdout, done.stderr)
+            assert done.stderr.startswith("bertfit: error: ") and message in done.stderr, done.stderr
+
+
 def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch):
     """No --output: answers on stdout; --input - reads stdin (its format sniffed, or --format); a .csv
     output (or --output-format csv) is CSV with a probability column per label (issue 27, item 3)."""
@@ -426,7 +456,8 @@ def test_predict_output_that_cannot_be_written_exits_2(capsys, tmp_path, files, 
     (A read-only mount gives the same line; the tests run as root, which no permission stops.)"""
     run_dir = random_run(tiny_model, tmp_path, saved_model=False)
     target = tmp_path / "no-such-folder" / "out.jsonl"
-    code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", "--output", target)
+    code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", "--text-column", "sentence",
+                       "--output", target)
     assert code == 2 and "Traceback" not in err, err
     assert f"cannot write --output {target}: No such file or directory" in err.strip().splitlines()[-1]
     assert not target.parent.exists()

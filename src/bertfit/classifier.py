@@ -240,10 +240,25 @@ class Classifier:
 
 def load(run_dir) -> Classifier:
     """Load a finished run folder written by `bertfit train` or `Classifier.save`."""
-    import yaml
-
     from .checkpoints import load_pretrained
     from .modeling import BertClassifier
+
+    config = read_run_config(run_dir)
+    pretrained = load_pretrained(str(run_dir))
+    labels = config["labels"]
+    model = BertClassifier(pretrained.encoder, len(labels), pooling=config.get("train", {}).get("pooling", "cls"))
+    model(_dummy())
+    head = pretrained.head
+    model.set_head_weights(np.asarray(head["kernel"]), np.asarray(head["bias"]))
+    return Classifier(model, pretrained.tokenizer, labels, multilabel=config.get("multilabel", False),
+                      thresholds=config.get("thresholds"),
+                      train_config=TrainConfig.from_dict(config.get("train", {})),
+                      data_config=DataConfig.from_dict(config.get("data", {})))
+
+
+def read_run_config(run_dir) -> dict:
+    """The config.yaml of a finished run folder, checked to be one (no TensorFlow: the CLI asks first)."""
+    import yaml
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -258,17 +273,7 @@ def load(run_dir) -> Classifier:
     if state.get("state") != "complete":
         raise BertfitError(f"{run_dir}: the run is incomplete (training did not finish); "
                            f"continue it with `bertfit train --out {run_dir} --resume`")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    pretrained = load_pretrained(str(run_dir))
-    labels = config["labels"]
-    model = BertClassifier(pretrained.encoder, len(labels), pooling=config.get("train", {}).get("pooling", "cls"))
-    model(_dummy())
-    head = pretrained.head
-    model.set_head_weights(np.asarray(head["kernel"]), np.asarray(head["bias"]))
-    return Classifier(model, pretrained.tokenizer, labels, multilabel=config.get("multilabel", False),
-                      thresholds=config.get("thresholds"),
-                      train_config=TrainConfig.from_dict(config.get("train", {})),
-                      data_config=DataConfig.from_dict(config.get("data", {})))
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
 def _dummy():

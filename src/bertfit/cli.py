@@ -443,6 +443,8 @@ def _main(argv):
     try:
         if args.command == "train":
             _check_train_data(args)
+        elif args.command in ("evaluate", "predict"):
+            _check_inference_data(args)
         _load_tensorflow_quietly()
         args.func(args)
     except BertfitError as e:
@@ -471,7 +473,6 @@ def _check_train_data(args):
     """Read the first row of the training (and validation) file before TensorFlow loads (seconds): a
     wrong column, format or encoding at the start fails at once. The full read checks the rest."""
     from .config import load_config_file
-    from .data import iter_examples
 
     if args.data is None and not args.resume:
         raise BertfitError("train needs DATA, the training data file or folder (only --resume may leave it out)")
@@ -482,7 +483,38 @@ def _check_train_data(args):
     options.update(options_from(args, dataclasses.fields(DataConfig)))
     for source in (args.data, args.validation, args.test):
         if source is not None and Path(source).is_file():
-            next(iter(iter_examples(source, **options, limit=1)), None)
+            _first_example(source, options)
+
+
+def _check_inference_data(args):
+    """evaluate, predict --input: the run folder, and the data's first row read as the command will read
+    it, before TensorFlow loads (seconds): a wrong run folder, file or column fails at once."""
+    from .classifier import read_run_config
+    from .data import input_options
+
+    saved = DataConfig.from_dict(read_run_config(args.run).get("data", {})).read_options()
+    given = options_from(args, dataclasses.fields(DataConfig))
+    if args.command == "evaluate":
+        _first_example(args.data, input_options(saved, given, args.data))
+    elif args.input not in (None, "-"):
+        from .predict import prediction_options
+
+        if args.output and not Path(args.output).parent.is_dir():
+            raise BertfitError(f"cannot write --output {args.output}: No such file or directory")
+
+        _first_example(args.input, {**prediction_options(saved, given, args.input),
+                                    "keep_columns": args.keep_columns or None})
+
+
+def _first_example(path, options):
+    from .data import detect_format, iter_examples
+
+    try:
+        tfrecord = (options.get("format") or detect_format(path)) == "tfrecord"
+    except BertfitError:
+        tfrecord = False  # iter_examples says what is wrong with the name
+    if not tfrecord:  # reading TFRecord needs TensorFlow: the full read checks it
+        next(iter(iter_examples(path, **options, limit=1)), None)
 
 
 def _resume_hint(args) -> str:

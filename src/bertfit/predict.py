@@ -114,12 +114,20 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
     return count
 
 
-def _predict_rows(clf, input_path, stream, kind, batch_size, keep_columns, read_options) -> int:
-    from .data import input_options, iter_examples, unit_of
+def prediction_options(saved: dict, given: dict, input_path) -> dict:
+    """How an input to predict is read: the run's reading options (saved) under those given, without labels."""
+    from .data import input_options
 
-    options = {**input_options(clf.data_config.read_options(), read_options, input_path), "require_labels": False}
+    options = {**input_options(saved, given, input_path), "require_labels": False}
     for key in ("label_column", "label_columns", "label_delimiter", "label_names"):
         options.pop(key, None)
+    return options
+
+
+def _predict_rows(clf, input_path, stream, kind, batch_size, keep_columns, read_options) -> int:
+    from .data import iter_examples, unit_of
+
+    options = prediction_options(clf.data_config.read_options(), read_options, input_path)
     # Each answer names its input as errors and reports do: the line where the row starts (csv, tsv,
     # jsonl), the row or record number (parquet, tfrecord), or the file (folders).
     where_key = unit_of(input_path, options["format"])
