@@ -140,10 +140,10 @@ def over_http(port, name, texts, concurrency, seconds):
     return len(latencies) / elapsed, latencies
 
 
-def start_server(run, port, max_batch, timeout_ms, log):
+def start_server(run, port, max_batch, timeout_ms, log, extra=()):
     proc = subprocess.Popen([sys.executable, "-m", "bertfit.cli", "serve", str(run), "--port", str(port),
                              "--model-name", "bench", "--max-batch", str(max_batch),
-                             "--batch-timeout-ms", str(timeout_ms)], stdout=log, stderr=subprocess.STDOUT)
+                             "--batch-timeout-ms", str(timeout_ms), *extra], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
