@@ -316,9 +316,10 @@ def test_bad_columns_fail_before_tensorflow_loads(tmp_path, files):
          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300).stderr
 
 
-def test_evaluate_and_predict_check_the_run_and_the_data_before_tensorflow_loads(tmp_path, files, tiny_model):
-    """Issue 27 item 5: a wrong column, file, kept column or run folder for evaluate and predict --input
-    fails on the first row, before TensorFlow is imported; a right one goes on to load it."""
+def test_evaluate_predict_serve_export_tune_check_the_run_and_the_data_before_tensorflow_loads(tmp_path, files,
+                                                                                               tiny_model):
+    """Issue 27 item 5: a wrong column, file, kept column or run folder for evaluate, predict --input,
+    serve, export and tune fails on the first row, before TensorFlow is imported; a right one goes on."""
     import subprocess
     import sys
 
@@ -332,6 +333,9 @@ def test_evaluate_and_predict_check_the_run_and_the_data_before_tensorflow_loads
         (["predict", run_dir, "--input", str(bad)], "no column 'a'"),
         (["predict", run_dir, "--input", str(bad), "--text-column", "text", "--keep-columns", "id"], "no column 'id'"),
         (["predict", str(tmp_path), "--input", str(files / "ok.tsv")], "not a bertfit run folder"),
+        (["serve", str(tmp_path / "nothing")], "nothing: no such run folder"),
+        (["export", str(files / "ok.tsv")], "ok.tsv: a file, not a run folder"),
+        (["tune", str(files / "ok.tsv"), "--out", str(tmp_path / "t"), "--text-column", "sentense"], "Did you mean"),
         (["predict", run_dir, "--input", str(bad), "--text-column", "text", "--output", str(tmp_path / "no" / "o.csv")],
          "cannot write --output"),
         (["evaluate", run_dir, str(files / "ok.tsv"), "--text-column", "sentence", "--json"], None),

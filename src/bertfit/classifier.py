@@ -262,7 +262,7 @@ def read_run_config(run_dir) -> dict:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise BertfitError(f"{run_dir}: no such run folder")
+        raise BertfitError(f"{run_dir}: {'a file, not a' if run_dir.exists() else 'no such'} run folder")
     state_file = run_dir / "run.json"
     if not state_file.exists() and not (run_dir / "config.yaml").exists():
         hint = (f": it holds a model checkpoint, to fine-tune with {option('model')} (or bertfit.load_pretrained)"

@@ -441,10 +441,15 @@ def _main(argv):
         keep_xla_programs()  # before TensorFlow starts: it reads TF_XLA_FLAGS once
     args.argv = argv
     try:
-        if args.command == "train":
+        # Wrong data, columns or run folders fail in a fraction of a second, before TensorFlow loads.
+        if args.command in ("train", "tune"):
             _check_train_data(args)
         elif args.command in ("evaluate", "predict"):
             _check_inference_data(args)
+        elif args.command in ("serve", "export"):
+            from .classifier import read_run_config
+
+            read_run_config(args.run)
         _load_tensorflow_quietly()
         args.func(args)
     except BertfitError as e:
@@ -470,18 +475,19 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # EFBIG: over the file-si
 
 
 def _check_train_data(args):
-    """Read the first row of the training (and validation) file before TensorFlow loads (seconds): a
-    wrong column, format or encoding at the start fails at once. The full read checks the rest."""
+    """train, tune: read the first row of the training (and validation) file before TensorFlow loads
+    (seconds): a wrong column, format or encoding at the start fails at once. The full read checks the rest."""
     from .config import load_config_file
 
-    if args.data is None and not args.resume:
+    resume = getattr(args, "resume", False)  # tune has no --resume (nor --test)
+    if args.data is None and not resume:
         raise BertfitError("train needs DATA, the training data file or folder (only --resume may leave it out)")
-    if args.resume:
+    if resume:
         return
     options = {k: v for k, v in (load_config_file(args.config) if args.config else {}).items()
                if k in {f.name for f in dataclasses.fields(DataConfig)}}
     options.update(options_from(args, dataclasses.fields(DataConfig)))
-    for source in (args.data, args.validation, args.test):
+    for source in (args.data, args.validation, getattr(args, "test", None)):
         if source is not None and Path(source).is_file():
             _first_example(source, options)
 
