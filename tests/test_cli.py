@@ -379,6 +379,21 @@ def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch)
         np.testing.assert_allclose([list(a["probabilities"].values()) for a in got], want, atol=1e-5)
         assert got[0]["line"] == (2 if data.startswith(b"sentence") else 1)
 
+    # A named pipe (bash's <(zcat new.tsv.gz)) is read once, like stdin; train refuses one at once.
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_bytes((files / "ok.tsv").read_bytes()))
+    writer.start()
+    code, stdout, err = run(capsys, "predict", run_dir, "--input", pipe, *col)
+    writer.join()
+    assert code == 0, err
+    np.testing.assert_allclose([list(json.loads(a)["probabilities"].values()) for a in stdout.splitlines()], want,
+                               atol=1e-5)
+    code, _, err = run(capsys, "train", pipe, "--out", tmp_path / "r")
+    assert code == 2 and "is a pipe" in err and not (tmp_path / "r").exists(), err
+
     out = tmp_path / "answers.csv"
     code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", *col, "--output", out)
     assert code == 0, err

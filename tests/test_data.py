@@ -5,6 +5,7 @@ import collections
 import gzip
 import importlib.util
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -545,6 +546,10 @@ def test_a_device_or_a_file_without_line_breaks_fails_at_once(tmp_path, monkeypa
     path = tmp_path / "zeros.csv"
     path.write_bytes(b"text,label\n" + b"\0" * (2 << 20))
     error([f"{path}, line 2: over 1 MiB without a line break"], path)
+    # A named pipe (<(zcat ...)) can be read once; a second open would wait for a writer forever.
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    error([f"{fifo}: is a pipe", "write it to a file first"], fifo)
 
 
 def test_one_numbering_for_messages_reports_and_predictions(tmp_path):

@@ -488,7 +488,7 @@ def _check_train_data(args):
                if k in {f.name for f in dataclasses.fields(DataConfig)}}
     options.update(options_from(args, dataclasses.fields(DataConfig)))
     for source in (args.data, args.validation, getattr(args, "test", None)):
-        if source is not None and Path(source).is_file():
+        if source is not None and (Path(source).is_file() or Path(source).is_fifo()):  # a pipe: refused at once
             _first_example(source, options)
 
 
@@ -502,7 +502,7 @@ def _check_inference_data(args):
     given = options_from(args, dataclasses.fields(DataConfig))
     if args.command == "evaluate":
         _first_example(args.data, input_options(saved, given, args.data))
-    elif args.input not in (None, "-"):
+    elif args.input not in (None, "-") and not Path(args.input).is_fifo():  # a pipe can be read only once
         from .predict import prediction_options
 
         if args.output and not Path(args.output).parent.is_dir():

@@ -700,6 +700,13 @@ def iter_examples(
     if isinstance(keep_columns, (str, int)):
         keep_columns = str(keep_columns).split(",")
     table = None
+    if isinstance(path, (str, os.PathLike)) and (Path(path).is_char_device() or Path(path).is_block_device()):
+        # /dev/zero never ends and has no line breaks: reading it would fill the memory.
+        raise DataError(f"{path}: is a device, not a data file")
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_fifo():
+        # A second open of a pipe waits for a writer that never comes: fail before the first.
+        raise DataError(f"{path}: is a pipe (such as <(zcat data.csv.gz)), which can be read once, and data is "
+                        "read more than once (its header, then its rows): write it to a file first")
     if is_table(path):
         if format not in (None, "table"):
             raise DataError(f"format={format!r} applies to files; this data is a {_table_name(path)} in memory")
@@ -718,9 +725,6 @@ def iter_examples(
         raise DataError(f"unknown format {format!r}: {opt('format')} must be one of {', '.join(FORMATS)}")
     elif not (Path(path).exists() or _archive_parts(path)):
         raise DataError(f"{path}: no such file or folder")
-    if table is None and (Path(path).is_char_device() or Path(path).is_block_device()):
-        # /dev/zero never ends and has no line breaks: reading it would fill the memory.
-        raise DataError(f"{path}: is a device, not a data file")
     if quoting not in (None, "csv", "none"):
         raise DataError(f"unknown quoting {quoting!r}: {opt('quoting')} must be csv or none")
     for name in encoding.split(","):

@@ -61,17 +61,16 @@ def _csv_cell(value):
 
 
 @contextlib.contextmanager
-def _stdin_as_file(fmt):
-    """stdin, spooled to a temporary file named stdin.FORMAT (the readers need a file they can read
-    twice; the name appears in messages). The format: as given, else jsonl when the first character
-    is '{', tsv when the first line has a tab, else csv."""
+def _spooled(raw, name, fmt):
+    """A stream (stdin, a pipe), spooled to a temporary file named NAME.FORMAT (the readers need a file
+    they can read twice; the name appears in messages). The format: as given, else jsonl when the first
+    character is '{', tsv when the first line has a tab, else csv."""
     with tempfile.TemporaryDirectory(prefix="bertfit-stdin-") as folder:
-        raw = sys.stdin.buffer
         head = raw.read(64 * 1024)
         if fmt is None:
             first = head.lstrip()[:1]
             fmt = "jsonl" if first == b"{" else "tsv" if b"\t" in head.split(b"\n", 1)[0] else "csv"
-        path = Path(folder) / f"stdin.{fmt}"
+        path = Path(folder) / f"{name}.{fmt}"
         with open(path, "wb") as f:
             f.write(head)
             shutil.copyfileobj(raw, f)
@@ -83,10 +82,14 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
     """Write one answer per input row, in order, naming its "line"|"row"|"record"|"file": to output_path
     (JSONL, or CSV for a .csv name or output_format="csv"; the file appears only when complete) or, when
     output_path is None, to stdout as the answers come. input_path "-" reads stdin. keep_columns: input
-    columns (names, or 0-based indexes without a header; a list or "id,source") copied into each answer."""
+    columns (names, or 0-based indexes without a header; a list or "id,source") copied into each answer.
+    A pipe (--input <(zcat new.csv.gz)) is read once, like stdin."""
     keep_columns = keep_columns or None
-    if str(input_path) == "-":
-        with _stdin_as_file(read_options.pop("format", None)) as path:
+    if str(input_path) == "-" or Path(input_path).is_fifo():  # a pipe, e.g. --input <(zcat new.csv.gz)
+        with contextlib.ExitStack() as stack:
+            raw = sys.stdin.buffer if str(input_path) == "-" else stack.enter_context(open(input_path, "rb"))
+            path = stack.enter_context(_spooled(raw, "stdin" if str(input_path) == "-" else Path(input_path).name,
+                                                read_options.pop("format", None)))
             return predict_file(clf, path, output_path, batch_size, output_format, keep_columns, **read_options)
     kind = format_of_output(output_path, output_format)
     if output_path is None:
