@@ -624,3 +624,13 @@ def test_load_names_what_is_not_a_run_folder(tiny_model, tmp_path):
     assert "incomplete" not in str(info.value) and "checkpoint" not in str(info.value)
     with pytest.raises(BertfitError, match="not a bertfit run folder.*holds a model checkpoint.*model="):
         bertfit.load(tiny_model)
+    # A run folder whose config.yaml was damaged: one error naming the file, not a YAML traceback.
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"state": "complete"}')
+    for text, message in (("labels: [a, b", r"config.yaml, line 1, column 14: not valid YAML \(expected ',' or ']'"),
+                          ("- a\n- b\n", "config.yaml: expected a mapping of names to values at the top level, not a list"),
+                          ("encoder: {}\n", "config.yaml: no 'labels' list")):
+        (damaged / "config.yaml").write_text(text)
+        with pytest.raises(BertfitError, match=message):
+            bertfit.load(damaged)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import features as feats
-from .config import DataConfig, EncoderConfig, TrainConfig, option
+from .config import DataConfig, EncoderConfig, TrainConfig, option, read_yaml_mapping
 from .errors import BertfitError, ConfigError
 
 
@@ -258,8 +258,6 @@ def load(run_dir) -> Classifier:
 
 def read_run_config(run_dir) -> dict:
     """The config.yaml of a finished run folder, checked to be one (no TensorFlow: the CLI asks first)."""
-    import yaml
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BertfitError(f"{run_dir}: {'a file, not a' if run_dir.exists() else 'no such'} run folder")
@@ -273,7 +271,10 @@ def read_run_config(run_dir) -> dict:
     if state.get("state") != "complete":
         raise BertfitError(f"{run_dir}: the run is incomplete (training did not finish); "
                            f"continue it with `bertfit train --out {run_dir} --resume`")
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = read_yaml_mapping(run_dir / "config.yaml", BertfitError)
+    if not isinstance(config.get("labels"), list):
+        raise BertfitError(f"{run_dir / 'config.yaml'}: no 'labels' list: not a config.yaml that bertfit wrote")
+    return config
 
 
 def _dummy():

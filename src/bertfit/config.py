@@ -257,19 +257,33 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
             {k: v for k, v in options.items() if k in train_keys})
 
 
-def load_config_file(path) -> dict:
-    """A YAML file of flat option names (or `data:`/`train:` sections of them)."""
+def read_yaml_mapping(path, error=ConfigError, what="file") -> dict:
+    """A YAML file whose top level is a mapping ({} when empty); a missing file, bad YAML or another top
+    level raise `error` naming the file."""
     import yaml
 
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:  # one line: where, and what the parser expected
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise error(f"{path}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of option names to values")
+        raise error(f"{path}: expected a mapping of names to values at the top level, not a {type(loaded).__name__}")
+    return loaded
+
+
+def load_config_file(path) -> dict:
+    """A YAML file of flat option names (or `data:`/`train:` sections of them)."""
+    loaded = read_yaml_mapping(path, ConfigError, "config file")
     flat = {}
     for key, value in loaded.items():
         if key in ("data", "train") and isinstance(value, dict):

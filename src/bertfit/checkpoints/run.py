@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EncoderConfig
+from ..config import EncoderConfig, read_yaml_mapping
 from ..errors import CheckpointError, ConfigError
 from ..modeling import canonical_shapes
 from ._common import HEAD, Checkpoint, atomic_path, finish, read_vocab, write_text, write_vocab
@@ -24,25 +24,11 @@ def is_run(folder: Path) -> bool:
     return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a mapping expected at the top level")
-    return data
-
-
 def read_run(folder: Path) -> Checkpoint:
     from safetensors.numpy import load_file
 
     folder = Path(folder)
-    data = _read_yaml(folder / CONFIG)
+    data = read_yaml_mapping(folder / CONFIG, CheckpointError)
     if not isinstance(data.get("encoder"), dict):
         raise CheckpointError(f"{folder / CONFIG}: key 'encoder' (a mapping of encoder settings) is missing")
     try:
@@ -90,7 +76,7 @@ def write_run_model(directory, config: EncoderConfig, weights: dict[str, np.ndar
         save_file({k: np.ascontiguousarray(weights[k], dtype="float32") for k in names}, tmp,
                   metadata={"format": "bertfit"})
     write_vocab(directory / VOCAB, vocab)
-    data = _read_yaml(directory / CONFIG) if (directory / CONFIG).is_file() else {}
+    data = read_yaml_mapping(directory / CONFIG, CheckpointError) if (directory / CONFIG).is_file() else {}
     data["encoder"] = config.to_dict()
     data["lower_case"] = bool(lower_case)
     if labels is not None:
