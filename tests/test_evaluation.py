@@ -260,6 +260,11 @@ def test_report_errors_name_the_line_of_the_data_file(tmp_path):
     doc = ev.write_report(tmp_path / "r.html", where=[2, 4, 7, 11], unit="line", **kw).read_text()
     table = doc[doc.index("<table class='errors'>"):]
     assert "<th>line</th>" in table and "<td>1</td><td>4</td>" in table and "<td>2</td><td>11</td>" in table
+    files = ["/data/bbc/sport/1.txt", "/data/bbc/tech/<2>.txt", "/data/bbc/sport/3.txt", "/data/bbc/tech/4.txt"]
+    doc = ev.write_report(tmp_path / "r.html", where=files, unit="file", **kw).read_text()
+    table = doc[doc.index("<table class='errors'>"):]  # a file: label folder and name, the whole path on hover
+    assert "<th>file</th>" in table and "<td><span title='/data/bbc/tech/<2>.txt'>" not in table
+    assert "<td><span title='/data/bbc/tech/&lt;2&gt;.txt'>tech/&lt;2&gt;.txt</span></td>" in table
     doc = ev.write_report(tmp_path / "r.html", **kw).read_text()  # no places known: 1-based positions
     table = doc[doc.index("<table class='errors'>"):]
     assert "<th>example</th>" in table and "<td>1</td><td>2</td>" in table and "<td>2</td><td>4</td>" in table

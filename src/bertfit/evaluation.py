@@ -660,12 +660,19 @@ def _errors_section(errors, multilabel, truncation=None, unit=None) -> str:
 
     # Each error's place as the data's own numbering (a line, a row, a file), else its 1-based position.
     key = unit if unit and unit in errors[0] else None
+
+    def place(e):
+        if key != "file":
+            return _e(str(e[key] if key else e["index"] + 1))
+        # A file: its label folder and name (the whole path on hover), as the table has little room.
+        return f"<span title='{_e(e[key])}'>{_e('/'.join(str(e[key]).split('/')[-2:]))}</span>"
+
     rows = []
     for rank, e in enumerate(errors, 1):
         text = _text_cell(e["text"], truncation)
         pair = f"<td class='text'>{_text_cell(e['pair'] or '', truncation)}</td>" if has_pair else ""
         rows.append(
-            f"<tr><td>{rank}</td><td>{_e(str(e[key] if key else e['index'] + 1))}</td><td>{_e(show(e['true']))}</td>"
+            f"<tr><td>{rank}</td><td>{place(e)}</td><td>{_e(show(e['true']))}</td>"
             f"<td>{_e(show(e['predicted']))}</td><td>{e['confidence']:.3f}</td>"
             f"<td class='text'>{text}</td>{pair}</tr>"
         )
