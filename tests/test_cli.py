@@ -395,6 +395,14 @@ def test_predict_in_a_pipeline(capsys, tmp_path, files, tiny_model, monkeypatch)
                                atol=1e-5)
     code, _, err = run(capsys, "train", pipe, "--out", tmp_path / "r")
     assert code == 2 and "is a pipe" in err and not (tmp_path / "r").exists(), err
+    # evaluate reads its data once too: the same metrics from a pipe as from the file.
+    code, from_file, err = run(capsys, "evaluate", run_dir, files / "ok.tsv", *col, "--json", "--label-column", "label")
+    assert code == 0, err
+    writer = threading.Thread(target=lambda: pipe.write_bytes((files / "ok.tsv").read_bytes()))
+    writer.start()
+    code, from_pipe, err = run(capsys, "evaluate", run_dir, pipe, *col, "--json", "--label-column", "label")
+    writer.join()
+    assert code == 0 and json.loads(from_pipe) == json.loads(from_file), err
 
     out = tmp_path / "answers.csv"
     code, _, err = run(capsys, "predict", run_dir, "--input", files / "ok.tsv", *col, "--output", out)

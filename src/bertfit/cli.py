@@ -184,7 +184,13 @@ def cmd_evaluate(args):
 
     clf = load_for_inference(args)
     read = options_from(args, dataclasses.fields(DataConfig))
-    data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
+    if Path(args.data).is_fifo():  # a pipe (<(zcat dev.csv.gz)) is read once, into a temporary file
+        from .predict import spooled_stream
+
+        with spooled_stream(args.data, read.pop("format", None)) as path:
+            data = read_examples(path, **input_options(clf.data_config.read_options(), read, path))
+    else:
+        data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
     y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data)
     probs = clf.predict_proba(data.texts, data.pairs)  # once, for the metrics and the error list
     metrics = classification_metrics(y, probs, clf.labels, multilabel=clf.multilabel, thresholds=clf.thresholds)
@@ -501,7 +507,8 @@ def _check_inference_data(args):
     saved = DataConfig.from_dict(read_run_config(args.run).get("data", {})).read_options()
     given = options_from(args, dataclasses.fields(DataConfig))
     if args.command == "evaluate":
-        _first_example(args.data, input_options(saved, given, args.data))
+        if not Path(args.data).is_fifo():  # a pipe can be read only once
+            _first_example(args.data, input_options(saved, given, args.data))
     elif args.input not in (None, "-") and not Path(args.input).is_fifo():  # a pipe can be read only once
         from .predict import prediction_options
 

@@ -77,6 +77,17 @@ def _spooled(raw, name, fmt):
         yield path
 
 
+@contextlib.contextmanager
+def spooled_stream(path, fmt=None):
+    """"-" (stdin) or a named pipe (<(zcat data.csv.gz)), read once into a temporary file (see _spooled)."""
+    if str(path) == "-":
+        with _spooled(sys.stdin.buffer, "stdin", fmt) as spooled:
+            yield spooled
+    else:
+        with open(path, "rb") as raw, _spooled(raw, Path(path).name, fmt) as spooled:
+            yield spooled
+
+
 def predict_file(clf, input_path, output_path=None, batch_size=64, output_format=None, keep_columns=None,
                  **read_options) -> int:
     """Write one answer per input row, in order, naming its "line"|"row"|"record"|"file": to output_path
@@ -86,10 +97,7 @@ def predict_file(clf, input_path, output_path=None, batch_size=64, output_format
     A pipe (--input <(zcat new.csv.gz)) is read once, like stdin."""
     keep_columns = keep_columns or None
     if str(input_path) == "-" or Path(input_path).is_fifo():  # a pipe, e.g. --input <(zcat new.csv.gz)
-        with contextlib.ExitStack() as stack:
-            raw = sys.stdin.buffer if str(input_path) == "-" else stack.enter_context(open(input_path, "rb"))
-            path = stack.enter_context(_spooled(raw, "stdin" if str(input_path) == "-" else Path(input_path).name,
-                                                read_options.pop("format", None)))
+        with spooled_stream(input_path, read_options.pop("format", None)) as path:
             return predict_file(clf, path, output_path, batch_size, output_format, keep_columns, **read_options)
     kind = format_of_output(output_path, output_format)
     if output_path is None:
