@@ -6,6 +6,7 @@ A thin shell over the Python API. Errors a user can fix print one line and exit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -184,13 +185,13 @@ def cmd_evaluate(args):
 
     clf = load_for_inference(args)
     read = options_from(args, dataclasses.fields(DataConfig))
-    if Path(args.data).is_fifo():  # a pipe (<(zcat dev.csv.gz)) is read once, into a temporary file
-        from .predict import spooled_stream
+    with contextlib.ExitStack() as stack:
+        path = args.data
+        if Path(path).is_fifo():  # a pipe (<(zcat dev.csv.gz)) is read once, into a temporary file
+            from .predict import spooled_stream
 
-        with spooled_stream(args.data, read.pop("format", None)) as path:
-            data = read_examples(path, **input_options(clf.data_config.read_options(), read, path))
-    else:
-        data = read_examples(args.data, **input_options(clf.data_config.read_options(), read, args.data))
+            path = stack.enter_context(spooled_stream(path, read.pop("format", None)))
+        data = read_examples(path, **input_options(clf.data_config.read_options(), read, path))
     y = LabelVocab(clf.labels, clf.multilabel).encode(data.labels, source=data)
     probs = clf.predict_proba(data.texts, data.pairs)  # once, for the metrics and the error list
     metrics = classification_metrics(y, probs, clf.labels, multilabel=clf.multilabel, thresholds=clf.thresholds)
