@@ -289,19 +289,19 @@ def _parquet_rows(parquet, columns):
 
 
 def _memory_rows(table, name):
-    """(names, where, rows) of a DataFrame or a dict of columns; rows are (key, {column: value}), keyed by
+    """(names, rows) of a DataFrame or a dict of columns; rows are (key, {column: value}), keyed by
     the DataFrame's index label or the lists' 0-based position, as the user would look them up."""
     if isinstance(table, dict):
-        columns, keys, where = {str(k): list(v) for k, v in table.items()}, None, "position"
+        columns, keys = {str(k): list(v) for k, v in table.items()}, None
     else:  # pandas: NaN, None, NA and NaT all become None
-        keys, where = table.index.tolist(), "index"
+        keys = table.index.tolist()
         table = table.astype(object).where(table.notna(), None)
         columns = {str(k): table[k].tolist() for k in table.columns}
     lengths = {k: len(v) for k, v in columns.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{name}: columns of different lengths ({', '.join(f'{k!r}: {n}' for k, n in lengths.items())})")
     keys = range(len(next(iter(columns.values()), []))) if keys is None else keys
-    return list(columns), where, zip(keys, (dict(zip(columns, values)) for values in zip(*columns.values())))
+    return list(columns), zip(keys, (dict(zip(columns, values)) for values in zip(*columns.values())))
 
 
 # The columns of a tf.data.Dataset's elements. A tuple is positional: (text,), (text, label) or (text,
@@ -788,7 +788,7 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
         if keep_columns is not None:
             raise DataError(f"{path}: keep_columns applies to files and tables, not to a tf.data.Dataset")
         spec, batched = _dataset_columns(table, path)
-        names, where = list(spec), "element"
+        names = list(spec)
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
                            require_labels, keyed)
         used = [columns.text, columns.pair, columns.label, *(k for k, _ in columns.flags or ())]
@@ -798,7 +798,7 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
             _check_dataset_column(table, spec, batched, key, role, path)
         rows = _dataset_rows(table, batched, used)
     elif format == "table":
-        names, where, rows = _memory_rows(table, path)
+        names, rows = _memory_rows(table, path)
         columns = _resolve(names, len(names), path, text_column, pair_column, label_column, label_columns,
                            require_labels, keyed, keep_columns)
     elif format == "parquet":
@@ -808,15 +808,14 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
                            require_labels, keyed, keep_columns)
         used = [columns.text, columns.pair, columns.label, *(k for k, _ in (columns.flags or []) + (columns.keep or []))]
         rows = _parquet_rows(parquet, list(dict.fromkeys(k for k in used if k is not None)))
-        where = "row"
     else:
         if format == "jsonl":
-            rows, where = _json_rows(path, encoding), "line"
+            rows = _json_rows(path, encoding)
         elif format == "tfrecord":
-            rows, where = _tfrecord_rows(path), "record"
+            rows = _tfrecord_rows(path)
         else:
             quoted = (quoting or ("csv" if format == "csv" else "none")) == "csv"
-            rows, where = _table_rows(path, "," if format == "csv" else "\t", quoted, encoding), "line"
+            rows = _table_rows(path, "," if format == "csv" else "\t", quoted, encoding)
         first = next(rows, None)
         if first is None:
             raise DataError(f"{path}: the file is empty")
@@ -835,6 +834,7 @@ def _row_examples(path, format, text_column, pair_column, label_column, label_co
         columns = _resolve(names, len(names or first[1]), path, text_column, pair_column, label_column,
                            label_columns, require_labels, keyed, keep_columns)
 
+    where = unit_of(path if table is None else table, format)  # the numbering messages and Examples share
     get = (lambda row, key: row.get(key)) if keyed else (lambda row, key: row[key])
     for number, row in rows:
         at = f"{path}, {where} {number}"
@@ -862,7 +862,7 @@ def peek_columns(path, *, format=None, header=None, quoting=None, encoding="utf-
         sample = [row for _, row in islice(_dataset_rows(path, batched, list(spec)), rows)]
         names, header = list(spec), True
     elif is_table(path):
-        names, _, table_rows = _memory_rows(path, _table_name(path))
+        names, table_rows = _memory_rows(path, _table_name(path))
         sample, header = [row for _, row in islice(table_rows, rows)], True
     else:
         format = format or detect_format(path)
